@@ -1,0 +1,158 @@
+"""The run-time changes that the registration hook makes to mlx-lm's modules.
+
+Each one is generic (no ``model_type`` check in mlx-lm's code paths): a model
+that defines ``generate_step`` brings its own generation loop, and a model
+that declares ``diffusion`` settings is not causal.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+from .registration_hook import MODEL_MODULES
+
+
+def has_own_generation(model):
+    return callable(getattr(model, "generate_step", None))
+
+
+def patch_generate(module):
+    """``generate_step`` defers to the model's own loop; the rest refuse it."""
+    if getattr(module, "_mlx_lm_llada_patched", False):
+        return
+    generate_step = module.generate_step
+
+    @functools.wraps(generate_step)
+    def deferring_generate_step(prompt, model, *args, **kwargs):
+        if has_own_generation(model):
+            if args:
+                kwargs["stream"] = args[0]
+            return model.generate_step(prompt, **kwargs)
+        return generate_step(prompt, model, *args, **kwargs)
+
+    speculative_generate_step = module.speculative_generate_step
+
+    @functools.wraps(speculative_generate_step)
+    def refusing_speculative_generate_step(prompt, model, draft_model, *a, **kw):
+        for m in (model, draft_model):
+            if has_own_generation(m):
+                raise ValueError(
+                    f"Speculative decoding (a draft model) is not supported for "
+                    f"{type(m).__module__.rsplit('.', 1)[-1]} models, which bring "
+                    "their own generation loop. Generate without --draft-model."
+                )
+        return speculative_generate_step(prompt, model, draft_model, *a, **kw)
+
+    batch_init = module.BatchGenerator.__init__
+
+    @functools.wraps(batch_init)
+    def refusing_batch_init(self, model, *args, **kwargs):
+        if has_own_generation(model):
+            raise ValueError(
+                "Batched generation (BatchGenerator, batch_generate) is not "
+                "supported for models that bring their own generation loop, "
+                "such as diffusion models. Use stream_generate/generate per "
+                "prompt, or mlx_lm_llada.diffusion_generate for a batch."
+            )
+        batch_init(self, model, *args, **kwargs)
+
+    module.generate_step = deferring_generate_step
+    module.speculative_generate_step = refusing_speculative_generate_step
+    module.BatchGenerator.__init__ = refusing_batch_init
+    module._mlx_lm_llada_patched = True
+
+
+def _special_token_ids(model_path: Path):
+    """Ids of the special tokens named in the checkpoint's tokenizer files."""
+    ids = {}
+    try:
+        with open(model_path / "tokenizer.json", encoding="utf-8") as f:
+            for tok in json.load(f).get("added_tokens", []):
+                ids[tok["content"]] = tok["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return ids
+
+
+def _register_transformers_config(model_type):
+    # Without a registered config class, transformers asks whether to run the
+    # checkpoint's remote code (auto_map) before it loads the tokenizer.
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        AutoConfig.for_model(model_type)
+        return
+    except ValueError:
+        pass
+
+    config_class = type(
+        f"{model_type.capitalize()}Config",
+        (PretrainedConfig,),
+        {"model_type": model_type},
+    )
+    AutoConfig.register(model_type, config_class)
+
+
+def patch_utils(module):
+    """Complete diffusion configs from the tokenizer, quietly load tokenizers."""
+    if getattr(module, "_mlx_lm_llada_patched", False):
+        return
+    load_config = module.load_config
+    load_tokenizer = module.load_tokenizer
+
+    @functools.wraps(load_config)
+    def completing_load_config(model_path, *args, **kwargs):
+        config = load_config(model_path, *args, **kwargs)
+        if config.get("model_type") in MODEL_MODULES:
+            special = _special_token_ids(Path(model_path))
+            for key, token in (
+                ("bos_token_id", "<|startoftext|>"),
+                ("eot_token_id", "<|eot_id|>"),
+            ):
+                if config.get(key) is None and token in special:
+                    config[key] = special[token]
+        return config
+
+    @functools.wraps(load_tokenizer)
+    def quiet_load_tokenizer(model_path, *args, **kwargs):
+        try:
+            config = module.load_config(Path(model_path))
+        except Exception:
+            config = {}
+        model_type = config.get("model_type")
+        if model_type not in MODEL_MODULES:
+            return load_tokenizer(model_path, *args, **kwargs)
+        _register_transformers_config(model_type)
+        tokenizer = load_tokenizer(model_path, *args, **kwargs)
+        # An Instruct answer ends at <|eot_id|>; stop streaming there.
+        if config.get("eot_token_id") is not None:
+            tokenizer.add_eos_token(config["eot_token_id"])
+        return tokenizer
+
+    module.load_config = completing_load_config
+    module.load_tokenizer = quiet_load_tokenizer
+    module._mlx_lm_llada_patched = True
+
+
+def patch_causal_only(module):
+    """Commands that score or train a causal model refuse a diffusion model."""
+    if getattr(module, "_mlx_lm_llada_patched", False) or not hasattr(module, "load"):
+        return
+    load = module.load
+    command = module.__name__
+
+    @functools.wraps(load)
+    def refusing_load(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        model = loaded[0]
+        if getattr(model, "diffusion", None) is not None:
+            raise SystemExit(
+                f"{command} assumes a causal (autoregressive) language model; "
+                f"{getattr(model, 'model_type', type(model).__name__)} is a "
+                "masked-diffusion model, so its numbers would be wrong. "
+                "Refusing to run."
+            )
+        return loaded
+
+    module.load = refusing_load
+    module._mlx_lm_llada_patched = True
