@@ -463,3 +463,201 @@ def _check_length(spec: DiffusionSpec, prompt_length: int, gen_length: int):
             f"tokens) is longer than the model's context (max_sequence_length "
             f"{limit})"
         )
+
+
+ENV_PREFIX = "MLX_LM_LLADA_"
+_ENV_RESERVED = {"MLX_LM_LLADA_DISABLE"}
+
+# Settings given by our commands' flags (between the call's and the environment's).
+_command_settings: Dict[str, Any] = {}
+
+
+def _parse_setting(name: str, value):
+    """Convert a setting given as text (environment, config) to its type."""
+    kind = {f.name: f.type for f in fields(DiffusionSettings)}[name]
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("none", "null", ""):
+        return None
+    try:
+        if kind is bool:
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind in (int, Optional[int]):
+            return int(text)
+        if kind in (float, Optional[float]):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"Diffusion setting {name}: cannot read {value!r}") from None
+    return value.strip()
+
+
+def _check_names(names, source):
+    known = {f.name for f in fields(DiffusionSettings)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown diffusion setting(s) {', '.join(unknown)} in {source}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
+def environment_settings(environ=None) -> Dict[str, Any]:
+    """Settings from ``MLX_LM_LLADA_<NAME>`` variables (e.g. ``..._STEPS``)."""
+    environ = os.environ if environ is None else environ
+    found = {
+        k[len(ENV_PREFIX) :].lower(): v
+        for k, v in environ.items()
+        if k.startswith(ENV_PREFIX) and k not in _ENV_RESERVED
+    }
+    _check_names(found, "the environment (MLX_LM_LLADA_*)")
+    return {k: _parse_setting(k, v) for k, v in found.items()}
+
+
+def resolve_settings(
+    spec: DiffusionSpec, overrides: Optional[Dict[str, Any]] = None
+) -> DiffusionSettings:
+    """The settings in force, from lowest to highest precedence: built-in
+    defaults, the model's (its module's, then its directory's
+    ``generation_config.json``), the environment, our commands' flags, and
+    the Python call's keyword arguments."""
+    values: Dict[str, Any] = {}
+    _check_names(spec.defaults, "the model's generation defaults")
+    values.update({k: _parse_setting(k, v) for k, v in spec.defaults.items()})
+    values.update(environment_settings())
+    for source, given in (
+        ("the command's flags", _command_settings),
+        ("the call", overrides or {}),
+    ):
+        _check_names(given, source)
+        values.update({k: v for k, v in given.items() if v is not None})
+    return DiffusionSettings(**values)
+
+
+class command_settings:
+    """Context manager that installs settings given on a command line."""
+
+    def __init__(self, **settings):
+        self.settings = {k: v for k, v in settings.items() if v is not None}
+
+    def __enter__(self):
+        _check_names(self.settings, "the command's flags")
+        self.saved = dict(_command_settings)
+        _command_settings.update(self.settings)
+
+    def __exit__(self, *exc):
+        _command_settings.clear()
+        _command_settings.update(self.saved)
+
+
+def stream_diffusion(
+    model,
+    prompt: mx.array,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    stream=None,
+    logits_processors=None,
+    input_embeddings=None,
+    kv_bits=None,
+    max_kv_size=None,
+    prefill_step_size=None,
+    kv_group_size=None,
+    quantized_kv_start=None,
+    on_step: Optional[Callable[[Step], None]] = None,
+    **settings,
+):
+    """mlx-lm's ``generate_step`` contract for a diffusion model.
+
+    Yields ``(token, logprobs)`` in order, each as soon as it and every token
+    before it are committed. The canvas is ``max_tokens`` rounded up to whole
+    blocks; generation stops early once an end token is committed after a
+    complete prefix. ``prompt_cache`` (from ``model.make_cache()``) holds the
+    conversation: the prompt is appended to it (without a repeated BOS) and
+    each yielded token except EOS is added.
+    """
+    if logits_processors:
+        raise ValueError(
+            "Logits processors (repetition, presence or frequency penalties, "
+            "logit bias) are not supported by the diffusion sampler"
+        )
+    if input_embeddings is not None:
+        raise ValueError("The diffusion sampler does not take input embeddings")
+    if kv_bits is not None:
+        raise ValueError("KV-cache quantization (kv_bits) does not apply to diffusion")
+    if max_kv_size is not None:
+        raise ValueError("max_kv_size (a rotating KV cache) does not apply to diffusion")
+    if max_tokens is None or max_tokens <= 0:
+        raise ValueError(
+            f"max_tokens must be positive for a diffusion model (it sizes the "
+            f"canvas), got {max_tokens}"
+        )
+    spec = model.diffusion
+    config = resolve_settings(spec, settings)
+    if config.block_length is None or config.block_length <= 0:
+        raise ValueError(f"block_length must be positive, got {config.block_length}")
+    gen_length = -(-max_tokens // config.block_length) * config.block_length
+
+    context_cache = _context_cache(prompt_cache)
+    prompt = [int(t) for t in np.array(prompt).reshape(-1)]
+    if context_cache is not None and context_cache.tokens:
+        # Later turns drop their BOS: the context already starts with one.
+        if prompt and prompt[0] == spec.bos_token_id:
+            prompt = prompt[1:]
+        prompt = context_cache.tokens + prompt
+    if not prompt:
+        raise ValueError("The prompt is empty: a diffusion model needs a prompt")
+    _check_length(spec, len(prompt), gen_length)
+    P = len(prompt)
+    if prompt_progress_callback is not None:
+        prompt_progress_callback(0, P)
+
+    if context_cache is not None:
+        context_cache.tokens = list(prompt)
+    end_ids = set(spec.end_token_ids)
+    pending = {}
+    ptr = 0
+    with mx.stream(stream or mx.default_stream(mx.default_device())):
+        steps = denoise(
+            model,
+            mx.array([prompt]),
+            gen_length,
+            config,
+            sampler=sampler,
+            early_stop=True,
+            spec=spec,
+        )
+        for st in steps:
+            if on_step is not None:
+                on_step(st)
+            if st.nfe == 1 and prompt_progress_callback is not None:
+                prompt_progress_callback(P, P)
+            for pos in st.committed[0]:
+                pending[int(pos)] = st.logprobs[0, int(pos) - st.block_start]
+            row = st.canvas[0]
+            while ptr < max_tokens and P + ptr in pending:
+                token = int(row[P + ptr])
+                logprobs = pending.pop(P + ptr)
+                ptr += 1
+                if context_cache is not None and token != spec.eos_token_id:
+                        context_cache.tokens.append(token)
+                yield token, logprobs
+                if token in end_ids or ptr == max_tokens:
+                    return
+
+
+def _context_cache(prompt_cache):
+    if prompt_cache is None:
+        return None
+    if len(prompt_cache) != 1 or not isinstance(prompt_cache[0], ContextCache):
+        raise ValueError(
+            "A diffusion model's prompt cache is the one model.make_cache() "
+            "returns (a ContextCache of the conversation's tokens)"
+        )
+    return prompt_cache[0]

@@ -62,6 +62,14 @@ def patch_generate(module):
     module._mlx_lm_llada_patched = True
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError:
+        return {}
+
+
 def _special_token_ids(model_path: Path):
     """Ids of the special tokens named in the checkpoint's tokenizer files."""
     ids = {}
@@ -111,6 +119,10 @@ def patch_utils(module):
             ):
                 if config.get(key) is None and token in special:
                     config[key] = special[token]
+            # Diffusion defaults may ship in generation_config.json.
+            gen_config = _read_json(Path(model_path) / "generation_config.json")
+            if "diffusion_defaults" not in config and "diffusion" in gen_config:
+                config["diffusion_defaults"] = gen_config["diffusion"]
         return config
 
     @functools.wraps(load_tokenizer)

@@ -6,7 +6,7 @@ model never applies a causal mask; generation is the diffusion sampler's job.
 """
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,6 +50,7 @@ class ModelArgs(BaseModelArgs):
     eos_token_id: Optional[int] = None
     eot_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
+    diffusion_defaults: Optional[Dict[str, Any]] = None
     block_type: str = "llama"
     activation_type: str = "silu"
     layer_norm_type: str = "rms"
@@ -257,7 +258,7 @@ class Model(nn.Module):
             eot_token_id=args.eot_token_id,
             bos_token_id=args.bos_token_id,
             max_sequence_length=args.max_sequence_length,
-            defaults=DEFAULT_GENERATION,
+            defaults={**DEFAULT_GENERATION, **(args.diffusion_defaults or {})},
         )
 
     def generate_step(self, prompt: mx.array, **kwargs):
