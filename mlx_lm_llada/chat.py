@@ -1,1 +1,13 @@
-def main(): pass
+"""``mlx_lm_llada.chat``: ``mlx_lm.chat`` with the diffusion flags."""
+
+import importlib
+
+from .cli import run_with_diffusion_flags
+
+
+def main():
+    run_with_diffusion_flags(importlib.import_module("mlx_lm.chat"))
+
+
+if __name__ == "__main__":
+    main()

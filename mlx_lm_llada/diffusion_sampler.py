@@ -63,12 +63,32 @@ class DiffusionSettings:
     factor: Optional[float] = None
     cache: str = "none"
 
-    def check(self, gen_length: int):
-        """Raise a ValueError that names the first impossible setting."""
-        if gen_length <= 0:
-            raise ValueError(f"gen_length must be positive, got {gen_length}")
+    def check_values(self):
+        """Raise a ValueError naming the first setting that is impossible alone."""
         if self.block_length is None or self.block_length <= 0:
             raise ValueError(f"block_length must be positive, got {self.block_length}")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.remasking not in REMASKING:
+            raise ValueError(
+                f"remasking must be one of {REMASKING}, got {self.remasking!r}"
+            )
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            raise ValueError(f"factor must be positive, got {self.factor}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("threshold and factor are two rules: set only one")
+
+    def check(self, gen_length: int):
+        """Raise a ValueError naming the first impossible setting."""
+        self.check_values()
+        if gen_length <= 0:
+            raise ValueError(f"gen_length must be positive, got {gen_length}")
         if gen_length % self.block_length:
             raise ValueError(
                 f"gen_length ({gen_length}) must be a multiple of "
@@ -87,20 +107,6 @@ class DiffusionSettings:
                     f"steps ({steps}) must be a multiple of the number of blocks "
                     f"({blocks})"
                 )
-        if self.remasking not in REMASKING:
-            raise ValueError(
-                f"remasking must be one of {REMASKING}, got {self.remasking!r}"
-            )
-        if self.cache not in CACHE_MODES:
-            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.factor is not None and self.factor <= 0:
-            raise ValueError(f"factor must be positive, got {self.factor}")
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError("threshold and factor are two rules: set only one")
 
     def steps_per_block(self, gen_length: int) -> int:
         steps = self.steps if self.steps is not None else gen_length
@@ -538,20 +544,13 @@ def resolve_settings(
     return DiffusionSettings(**values)
 
 
-class command_settings:
-    """Context manager that installs settings given on a command line."""
-
-    def __init__(self, **settings):
-        self.settings = {k: v for k, v in settings.items() if v is not None}
-
-    def __enter__(self):
-        _check_names(self.settings, "the command's flags")
-        self.saved = dict(_command_settings)
-        _command_settings.update(self.settings)
-
-    def __exit__(self, *exc):
-        _command_settings.clear()
-        _command_settings.update(self.saved)
+def set_command_settings(**settings):
+    """Install the settings given on a command line (``None`` = not given)."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    _check_names(settings, "the command's flags")
+    DiffusionSettings(**settings).check_values()  # fail now, not mid-run
+    _command_settings.clear()
+    _command_settings.update(settings)
 
 
 def stream_diffusion(
@@ -592,7 +591,9 @@ def stream_diffusion(
     if kv_bits is not None:
         raise ValueError("KV-cache quantization (kv_bits) does not apply to diffusion")
     if max_kv_size is not None:
-        raise ValueError("max_kv_size (a rotating KV cache) does not apply to diffusion")
+        raise ValueError(
+            "max_kv_size (a rotating KV cache) does not apply to diffusion"
+        )
     if max_tokens is None or max_tokens <= 0:
         raise ValueError(
             f"max_tokens must be positive for a diffusion model (it sizes the "
@@ -600,8 +601,7 @@ def stream_diffusion(
         )
     spec = model.diffusion
     config = resolve_settings(spec, settings)
-    if config.block_length is None or config.block_length <= 0:
-        raise ValueError(f"block_length must be positive, got {config.block_length}")
+    config.check_values()
     gen_length = -(-max_tokens // config.block_length) * config.block_length
 
     context_cache = _context_cache(prompt_cache)
@@ -646,7 +646,7 @@ def stream_diffusion(
                 logprobs = pending.pop(P + ptr)
                 ptr += 1
                 if context_cache is not None and token != spec.eos_token_id:
-                        context_cache.tokens.append(token)
+                    context_cache.tokens.append(token)
                 yield token, logprobs
                 if token in end_ids or ptr == max_tokens:
                     return

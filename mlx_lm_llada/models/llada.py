@@ -10,7 +10,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 

@@ -1,0 +1,42 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+
+
+def golden_cases(kind_prefix=None):
+    with open(GOLDEN / "cases.json") as f:
+        cases = json.load(f)["cases"]
+    if kind_prefix is None:
+        return cases
+    return [c for c in cases if c["kind"].startswith(kind_prefix)]
+
+
+def case_id(case):
+    params = case.get("params") or {}
+    tag = ",".join(f"{k}={v}" for k, v in sorted(params.items()) if v is not None)
+    return f"{case['kind']}-{case['model']}-{tag}"
+
+
+@pytest.fixture(scope="session")
+def golden_special_ids():
+    with open(GOLDEN / "cases.json") as f:
+        return json.load(f)["special_token_ids"]
+
+
+_MODELS = {}
+
+
+def load_golden(name):
+    """mlx_lm.load of a golden checkpoint, once per test session."""
+    if name not in _MODELS:
+        import mlx_lm
+
+        _MODELS[name] = mlx_lm.load(str(GOLDEN / name))
+    return _MODELS[name]
