@@ -6,10 +6,10 @@ parallel decoding, and early stop: they are options of :func:`denoise`.
 
 The loop knows nothing of a model's internals. It needs
 
-- ``model(tokens, cache=None, attention_mask=None, logits_range=None)``,
+- ``model(tokens, cache=None, attention_mask=None, logits_positions=None)``,
   returning logits ``[B, L, V]`` with bidirectional attention, where a cache
-  is a list of per-layer :class:`CanvasCache` and ``logits_range`` limits the
-  output head to some input positions;
+  is a list of per-layer :class:`CanvasCache` and ``logits_positions`` limits
+  the output head to some input positions;
 - ``model.layers`` (one cache per layer);
 - ``model.diffusion``, a :class:`DiffusionSpec`: the mask id, the end tokens
   and the model's default settings.
@@ -201,11 +201,11 @@ class Step:
 
     block: int
     step: int  # within the block
-    block_start: int  # canvas position of the block's first token
     canvas: np.ndarray  # [B, P + gen_length], live: copy it to keep it
     committed: List[np.ndarray]  # per row: canvas positions committed now
     confidence: List[np.ndarray]  # per row: their confidences
-    logprobs: mx.array  # [B, block_length, V] of this call
+    positions: np.ndarray  # canvas positions that the logprobs rows are for
+    logprobs: mx.array  # [B, len(positions), V] of this call
     nfe: int
     done: bool = False  # early stop: an end token closed every row
 
@@ -281,7 +281,7 @@ def denoise(
     if settings.cache != "none":
         caches = [CanvasCache() for _ in model.layers]
 
-    def run_model(start, end, logits_range):
+    def run_model(start, end, positions):
         tokens = x[:, start:end]
         if cfg:
             # The unconditional half sees the prompt as masks.
@@ -294,7 +294,7 @@ def denoise(
             mx.array(tokens),
             cache=caches,
             attention_mask=attention_mask,
-            logits_range=logits_range,
+            logits_positions=mx.array(positions - start),
         ).astype(mx.float32)
         if cfg:
             cond, uncond = logits[:B], logits[B:]
@@ -312,21 +312,24 @@ def denoise(
         ]
         step = 0
         while (x[:, bs:be] == mask_id).any():
+            # Only masked positions of the block are candidates: the output
+            # head runs on those alone.
+            positions = bs + np.flatnonzero((x[:, bs:be] == mask_id).any(axis=0))
             # The first call of a block (or every call, without a cache) runs
             # the whole canvas; cached calls run what the mode needs.
             if caches is None or step == 0:
-                logits = run_model(0, T, (bs, be))
+                logits = run_model(0, T, positions)
             elif settings.cache == "prefix":
-                logits = run_model(bs, T, (0, block_length))
+                logits = run_model(bs, T, positions)
             else:
-                logits = run_model(bs, be, None)
+                logits = run_model(bs, be, positions)
             nfe += 1
 
             if settings.logits_eos_inf and eos is not None:
                 logits[..., eos] = -mx.inf
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            V = logprobs.shape[-1]
-            x0 = sampler(logprobs.reshape(-1, V)).reshape(B, block_length)
+            K, V = logprobs.shape[1:]
+            x0 = sampler(logprobs.reshape(-1, V)).reshape(B, K)
             if settings.remasking == "low_confidence":
                 conf_logits = logits
                 if settings.confidence_eos_eot_inf:
@@ -336,14 +339,14 @@ def denoise(
                         if t is not None:
                             conf_logits[..., t] = -mx.inf
                 picked = mx.take_along_axis(conf_logits, x0[..., None], axis=-1)
-                conf = mx.exp(
-                    picked[..., 0] - mx.logsumexp(conf_logits, axis=-1)
-                ).astype(mx.float32)
+                conf = mx.exp(picked[..., 0] - mx.logsumexp(conf_logits, axis=-1))
             else:
-                conf = mx.random.uniform(shape=(B, block_length))
+                conf = mx.random.uniform(shape=(B, K))
             mx.eval(x0, conf, logprobs)
-            x0_np = np.array(x0, dtype=np.int64)
-            conf_np = np.array(conf, dtype=np.float64)
+            x0_np = np.zeros((B, block_length), dtype=np.int64)
+            x0_np[:, positions - bs] = np.array(x0, dtype=np.int64)
+            conf_np = np.full((B, block_length), -np.inf)
+            conf_np[:, positions - bs] = np.array(conf, dtype=np.float64)
 
             committed, confidences = [], []
             for j in range(B):
@@ -364,7 +367,15 @@ def denoise(
                     gen = x[:, P:]
                     gen[gen == mask_id] = eos if eos is not None else end_ids[0]
             yield Step(
-                b, step - 1, bs, x, committed, confidences, logprobs, nfe, finished
+                b,
+                step - 1,
+                x,
+                committed,
+                confidences,
+                positions,
+                logprobs,
+                nfe,
+                finished,
             )
             if finished:
                 return
@@ -606,11 +617,11 @@ def stream_diffusion(
 
     context_cache = _context_cache(prompt_cache)
     prompt = [int(t) for t in np.array(prompt).reshape(-1)]
-    if context_cache is not None and context_cache.tokens:
-        # Later turns drop their BOS: the context already starts with one.
-        if prompt and prompt[0] == spec.bos_token_id:
-            prompt = prompt[1:]
-        prompt = context_cache.tokens + prompt
+    if context_cache is not None:
+        # The cache keeps what was said, as the caller counts it (the server
+        # trims it by its own token counts); the model sees chat.py's context.
+        context_cache.tokens.extend(prompt)
+        prompt = _conversation(context_cache.tokens, spec)
     if not prompt:
         raise ValueError("The prompt is empty: a diffusion model needs a prompt")
     _check_length(spec, len(prompt), gen_length)
@@ -618,8 +629,6 @@ def stream_diffusion(
     if prompt_progress_callback is not None:
         prompt_progress_callback(0, P)
 
-    if context_cache is not None:
-        context_cache.tokens = list(prompt)
     end_ids = set(spec.end_token_ids)
     pending = {}
     ptr = 0
@@ -638,18 +647,28 @@ def stream_diffusion(
                 on_step(st)
             if st.nfe == 1 and prompt_progress_callback is not None:
                 prompt_progress_callback(P, P)
+            rows = {int(p): k for k, p in enumerate(st.positions)}
             for pos in st.committed[0]:
-                pending[int(pos)] = st.logprobs[0, int(pos) - st.block_start]
+                pending[int(pos)] = st.logprobs[0, rows[int(pos)]]
             row = st.canvas[0]
             while ptr < max_tokens and P + ptr in pending:
                 token = int(row[P + ptr])
                 logprobs = pending.pop(P + ptr)
                 ptr += 1
-                if context_cache is not None and token != spec.eos_token_id:
+                if context_cache is not None:
                     context_cache.tokens.append(token)
                 yield token, logprobs
                 if token in end_ids or ptr == max_tokens:
                     return
+
+
+def _conversation(tokens: List[int], spec: DiffusionSpec) -> List[int]:
+    """LLaDA ``chat.py``'s context: later turns drop their BOS, EOS is removed."""
+    return [
+        t
+        for i, t in enumerate(tokens)
+        if t != spec.eos_token_id and (i == 0 or t != spec.bos_token_id)
+    ]
 
 
 def _context_cache(prompt_cache):

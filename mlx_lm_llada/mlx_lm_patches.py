@@ -7,6 +7,7 @@ that declares ``diffusion`` settings is not causal.
 
 import functools
 import json
+import time
 from pathlib import Path
 
 from .registration_hook import MODEL_MODULES
@@ -56,7 +57,36 @@ def patch_generate(module):
             )
         batch_init(self, model, *args, **kwargs)
 
+    stream_generate = module.stream_generate
+
+    @functools.wraps(stream_generate)
+    def timed_stream_generate(model, *args, **kwargs):
+        if not has_own_generation(model):
+            yield from stream_generate(model, *args, **kwargs)
+            return
+        # The first token of a diffusion model can come many steps after the
+        # prompt is processed: time the prompt by the model's own report.
+        user_callback = kwargs.get("prompt_progress_callback")
+        start = time.perf_counter()
+        prompt_done = []
+
+        def progress(done, total):
+            if done == total and not prompt_done:
+                prompt_done.append(time.perf_counter())
+            if user_callback is not None:
+                user_callback(done, total)
+
+        kwargs["prompt_progress_callback"] = progress
+        for response in stream_generate(model, *args, **kwargs):
+            now = time.perf_counter()
+            t_prompt = (prompt_done[0] if prompt_done else now) - start
+            response.prompt_tps = response.prompt_tokens / max(t_prompt, 1e-9)
+            t_gen = now - (prompt_done[0] if prompt_done else start)
+            response.generation_tps = response.generation_tokens / max(t_gen, 1e-9)
+            yield response
+
     module.generate_step = deferring_generate_step
+    module.stream_generate = timed_stream_generate
     module.speculative_generate_step = refusing_speculative_generate_step
     module.BatchGenerator.__init__ = refusing_batch_init
     module._mlx_lm_llada_patched = True

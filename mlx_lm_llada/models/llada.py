@@ -6,7 +6,7 @@ model never applies a causal mask; generation is the diffusion sampler's job.
 """
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -196,14 +196,13 @@ class Model(nn.Module):
         inputs: mx.array,
         cache: Optional[Any] = None,
         attention_mask: Optional[mx.array] = None,
-        logits_range: Optional[Tuple[int, int]] = None,
+        logits_positions: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits ``[B, L, V]`` with full (bidirectional) attention.
 
         ``attention_mask`` ``[B, K]`` marks the keys to attend to (1 keep, 0
         padding), where ``K`` is the length of the keys (the cache's, if any).
-        ``logits_range`` ``(start, end)`` runs the output head on those input
-        positions only.
+        ``logits_positions`` (input positions) limits the output head to those.
         """
         t = self.model.transformer
         if cache is None:
@@ -222,8 +221,8 @@ class Model(nn.Module):
             mask = _padding_mask(attention_mask, h.dtype)
         for block, c in zip(t.blocks, cache):
             h = block(h, mask, c)
-        if logits_range is not None:
-            h = h[:, logits_range[0] : logits_range[1]]
+        if logits_positions is not None:
+            h = h[:, logits_positions]
         h = t.ln_f(h)
         if self.args.weight_tying:
             return t.wte.as_linear(h)
