@@ -4,6 +4,7 @@ import argparse
 import functools
 
 from .diffusion_sampler import CACHE_MODES, REMASKING, set_command_settings
+from .visualize import watch_command
 
 FLAGS = {
     # setting: (type, help)
@@ -18,6 +19,21 @@ FLAGS = {
 BOOL_FLAGS = {
     "logits_eos_inf": "Never propose EOS (its logit is -inf)",
     "confidence_eos_eot_inf": "Give EOS and EoT proposals confidence 0",
+}
+WATCH_FLAGS = {
+    # option: argparse keywords (see visualize.py)
+    "visualize": dict(
+        action="store_true",
+        help="Redraw the canvas in the terminal while it fills (mlx-lm's text "
+        "follows); without a terminal, print a plain summary",
+    ),
+    "trace": dict(
+        metavar="FILE.jsonl", help="Record every denoising step as JSON lines"
+    ),
+    "trace_html": dict(
+        metavar="FILE.html",
+        help="Write a self-contained page that replays the fill",
+    ),
 }
 
 
@@ -36,24 +52,34 @@ def add_diffusion_flags(parser: argparse.ArgumentParser):
     return parser
 
 
+def add_watch_flags(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("watch the canvas fill")
+    for name, kwargs in WATCH_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+    return parser
+
+
 def run_with_diffusion_flags(module):
     """Run ``module.main()`` (an mlx-lm command) with our flags added."""
     setup_arg_parser = module.setup_arg_parser
     names = list(FLAGS) + list(BOOL_FLAGS)
+    undo = []
 
     @functools.wraps(setup_arg_parser)
     def extended_parser():
-        parser = add_diffusion_flags(setup_arg_parser())
+        parser = add_watch_flags(add_diffusion_flags(setup_arg_parser()))
         parse_args = parser.parse_args
 
         def parse_and_install(*args, **kwargs):
             ns = parse_args(*args, **kwargs)
             given = {n: getattr(ns, n) for n in names}
-            for n in names:
+            watch = {n: getattr(ns, n) for n in WATCH_FLAGS}
+            for n in names + list(WATCH_FLAGS):
                 delattr(ns, n)
             try:
                 set_command_settings(**given)
-            except ValueError as e:
+                undo.append(watch_command(module, **watch))
+            except (ValueError, OSError) as e:
                 parser.error(str(e))
             return ns
 
@@ -61,4 +87,8 @@ def run_with_diffusion_flags(module):
         return parser
 
     module.setup_arg_parser = extended_parser
-    module.main()
+    try:
+        module.main()
+    finally:
+        for u in undo:
+            u()

@@ -16,6 +16,7 @@ The loop knows nothing of a model's internals. It needs
 """
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -44,6 +45,14 @@ class DiffusionSpec:
         return tuple(t for t in (self.eos_token_id, self.eot_token_id) if t is not None)
 
 
+_SETTING_TYPES = {
+    int: numbers.Integral,
+    float: numbers.Real,
+    bool: (bool, np.bool_),
+    str: str,
+}
+
+
 @dataclass
 class DiffusionSettings:
     """The sampler's settings, with the reference's names.
@@ -65,6 +74,7 @@ class DiffusionSettings:
 
     def check_values(self):
         """Raise a ValueError naming the first setting that is impossible alone."""
+        self._check_types()
         if self.block_length is None or self.block_length <= 0:
             raise ValueError(f"block_length must be positive, got {self.block_length}")
         if self.steps is not None and self.steps <= 0:
@@ -83,6 +93,21 @@ class DiffusionSettings:
             raise ValueError(f"factor must be positive, got {self.factor}")
         if self.threshold is not None and self.factor is not None:
             raise ValueError("threshold and factor are two rules: set only one")
+
+    def _check_types(self):
+        # Settings also come from JSON (a server request, a config file): a
+        # string or float step count would fail deep inside the loop.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = {Optional[int]: int, Optional[float]: float}.get(f.type, f.type)
+            if value is None and kind is not f.type:
+                continue
+            is_bool = isinstance(value, (bool, np.bool_))
+            if not isinstance(value, _SETTING_TYPES[kind]) or is_bool != (kind is bool):
+                optional = " or null" if kind is not f.type else ""
+                raise ValueError(
+                    f"{f.name} must be of type {kind.__name__}{optional}, got {value!r}"
+                )
 
     def check(self, gen_length: int):
         """Raise a ValueError naming the first impossible setting."""
@@ -185,6 +210,13 @@ class ContextCache:
     def nbytes(self):
         return 4 * len(self.tokens)
 
+    def extend(self, inputs: mx.array) -> mx.array:
+        """Append ``inputs`` [1, L]; return the whole context [1, T]."""
+        if inputs.ndim != 2 or inputs.shape[0] != 1:
+            raise ValueError("A ContextCache holds one sequence: inputs [1, L]")
+        self.tokens.extend(np.array(inputs).reshape(-1).tolist())
+        return mx.array([self.tokens], dtype=inputs.dtype)
+
     def is_trimmable(self):
         return True
 
@@ -208,6 +240,8 @@ class Step:
     logprobs: mx.array  # [B, len(positions), V] of this call
     nfe: int
     done: bool = False  # early stop: an end token closed every row
+    block_start: int = 0  # canvas position where this block begins
+    block_length: int = 0
 
 
 def _num_transfer_tokens(masked: int, steps: int) -> List[int]:
@@ -329,7 +363,11 @@ def denoise(
                 logits[..., eos] = -mx.inf
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             K, V = logprobs.shape[1:]
-            x0 = sampler(logprobs.reshape(-1, V)).reshape(B, K)
+            # A proposed mask token would stay masked: the loop would run past
+            # its steps (forever at temperature 0), so it is never a candidate.
+            candidates = mx.array(logprobs)
+            candidates[..., mask_id] = -mx.inf
+            x0 = sampler(candidates.reshape(-1, V)).reshape(B, K)
             if settings.remasking == "low_confidence":
                 conf_logits = logits
                 if settings.confidence_eos_eot_inf:
@@ -376,6 +414,8 @@ def denoise(
                 logprobs,
                 nfe,
                 finished,
+                block_start=bs,
+                block_length=block_length,
             )
             if finished:
                 return
@@ -495,7 +535,8 @@ def _parse_setting(name: str, value):
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
-    if text in ("none", "null", ""):
+    # "none" unsets an optional number; for cache it is a mode's name.
+    if text in ("none", "null", "") and kind in (Optional[int], Optional[float]):
         return None
     try:
         if kind is bool:

@@ -7,6 +7,8 @@ that declares ``diffusion`` settings is not causal.
 
 import functools
 import json
+import logging
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +51,9 @@ def patch_generate(module):
     @functools.wraps(batch_init)
     def refusing_batch_init(self, model, *args, **kwargs):
         if has_own_generation(model):
+            # __del__ calls close(), which reads this: refuse without a
+            # second, "Exception ignored" error when the object is collected.
+            self._old_wired_limit = None
             raise ValueError(
                 "Batched generation (BatchGenerator, batch_generate) is not "
                 "supported for models that bring their own generation loop, "
@@ -197,4 +202,108 @@ def patch_causal_only(module):
         return loaded
 
     module.load = refusing_load
+    module._mlx_lm_llada_patched = True
+
+
+# The request body's field that carries a diffusion model's settings.
+REQUEST_SETTINGS_FIELD = "diffusion"
+
+
+class _RequestFailed(BaseException):
+    # Not an Exception: it must pass the server's catch-all, which answers
+    # any failure to start a request with 404.
+    def __init__(self, status, error):
+        super().__init__(str(error))
+        self.status = status
+
+
+def _request_settings(settings):
+    from .diffusion_sampler import _check_names
+
+    where = f'the request\'s "{REQUEST_SETTINGS_FIELD}" object'
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where} must map setting names to values")
+    _check_names(settings, where)
+    return settings
+
+
+def patch_server(module):
+    """Serve models that bring their own generation loop.
+
+    The request's ``diffusion`` object reaches the model's loop as settings,
+    and an error before the first token (a bad setting, a prompt too long for
+    the model) is answered with a status and a JSON error, not a dropped
+    connection or a broken stream. Other models are served as before.
+    """
+    if getattr(module, "_mlx_lm_llada_patched", False):
+        return
+    request_settings = threading.local()
+    handle_completion = module.APIHandler.handle_completion
+    generate = module.ResponseGenerator.generate
+    serve_single = module.ResponseGenerator._serve_single
+    stream_generate = module.stream_generate
+
+    @functools.wraps(handle_completion)
+    def answering_handle_completion(self, request, stop_words):
+        request.model_settings = self.body.get(REQUEST_SETTINGS_FIELD)
+        try:
+            return handle_completion(self, request, stop_words)
+        except _RequestFailed as failure:
+            self._set_completion_headers(failure.status)
+            self.end_headers()
+            self.wfile.write(json.dumps({"error": str(failure)}).encode())
+            self.wfile.flush()
+
+    @functools.wraps(generate)
+    def starting_generate(self, request, generation_args, progress_callback=None):
+        if not has_own_generation(self.model_provider.model):
+            return generate(self, request, generation_args, progress_callback)
+        # No header is sent before the first token, so that an error until
+        # then gets its own status; the progress reports wait for it too.
+        held, started = [], []
+
+        def relay(*progress):
+            if not started:
+                held.append(progress)
+            elif progress_callback is not None:
+                progress_callback(*progress)
+
+        ctx, response = generate(self, request, generation_args, relay)
+        try:
+            first = next(response, None)
+        except ValueError as e:
+            raise _RequestFailed(400, e) from None
+        except Exception as e:
+            logging.error("The request failed before its first token", exc_info=e)
+            raise _RequestFailed(500, e) from None
+
+        def resumed():
+            started.append(True)
+            for progress in held:
+                relay(*progress)
+            if first is not None:
+                yield first
+            yield from response
+
+        return ctx, resumed()
+
+    @functools.wraps(serve_single)
+    def serve_single_with_settings(self, request, stream):
+        request_settings.value = getattr(request[1], "model_settings", None)
+        try:
+            return serve_single(self, request, stream)
+        finally:
+            request_settings.value = None
+
+    @functools.wraps(stream_generate)
+    def stream_generate_with_settings(model, *args, **kwargs):
+        settings = getattr(request_settings, "value", None)
+        if settings is not None and has_own_generation(model):
+            kwargs.update(_request_settings(settings))
+        return stream_generate(model, *args, **kwargs)
+
+    module.APIHandler.handle_completion = answering_handle_completion
+    module.ResponseGenerator.generate = starting_generate
+    module.ResponseGenerator._serve_single = serve_single_with_settings
+    module.stream_generate = stream_generate_with_settings
     module._mlx_lm_llada_patched = True

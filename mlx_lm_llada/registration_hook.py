@@ -13,7 +13,9 @@ When mlx-lm is imported, the finder
   refuses speculative and batched decoding for such models;
 - fills in the special-token ids that a diffusion config lacks and keeps
   transformers from asking about the checkpoint's remote code;
-- makes the commands that assume a causal model refuse a diffusion model.
+- makes the commands that assume a causal model refuse a diffusion model;
+- lets ``mlx_lm.server`` take a request's diffusion settings and answer its
+  errors with a status.
 
 ``MLX_LM_LLADA_DISABLE=1`` turns all of it off.
 """
@@ -120,8 +122,15 @@ def _patch_causal_only(module):
     mlx_lm_patches.patch_causal_only(module)
 
 
+def _patch_server(module):
+    from . import mlx_lm_patches
+
+    mlx_lm_patches.patch_server(module)
+
+
 _PATCHES = {
     "mlx_lm.generate": _patch_generate,
+    "mlx_lm.server": _patch_server,
     "mlx_lm.utils": _patch_utils,
     "mlx_lm.perplexity": _patch_causal_only,
     "mlx_lm.evaluate": _patch_causal_only,

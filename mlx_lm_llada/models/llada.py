@@ -205,15 +205,17 @@ class Model(nn.Module):
         ``logits_positions`` (input positions) limits the output head to those.
         """
         t = self.model.transformer
+        if cache is not None and hasattr(cache[0], "extend"):
+            # A token cache (make_cache): keys go stale as the context grows,
+            # so run the whole context and return the new positions' logits.
+            n = inputs.shape[1]
+            return self(cache[0].extend(inputs))[:, -n:]
         if cache is None:
             cache = [None] * len(t.blocks)
-        elif len(cache) != len(t.blocks) or not all(
-            hasattr(c, "update_and_fetch") for c in cache
-        ):
-            raise TypeError(
-                "LLaDA takes a list of per-layer key/value caches. It is a "
-                "diffusion model: generate with mlx_lm.generate/stream_generate "
-                "or mlx_lm_llada.diffusion_generate, not a causal decoding loop."
+        elif len(cache) != len(t.blocks):
+            raise ValueError(
+                f"LLaDA takes one key/value cache per layer ({len(t.blocks)}), "
+                f"got {len(cache)}"
             )
         h = t.wte(inputs)
         mask = None
