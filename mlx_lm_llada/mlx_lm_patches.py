@@ -8,6 +8,7 @@ that declares ``diffusion`` settings is not causal.
 import functools
 import json
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,6 +137,21 @@ def _register_transformers_config(model_type):
     AutoConfig.register(model_type, config_class)
 
 
+def _skip_special_text(tokenizer, config):
+    # LLaDA's chat.py decodes with skip_special_tokens=True: a special token or
+    # an unused vocabulary row inside an answer is not text (mlx-lm prints
+    # the first as "<|...|>" and the second as "!").
+    tokenmap = getattr(tokenizer._detokenizer, "tokenmap", None)
+    if not tokenmap:
+        return
+    empty = b"" if isinstance(tokenmap[0], bytes) else ""
+    for i, token in tokenizer.added_tokens_decoder.items():
+        if token.special and i < len(tokenmap):
+            tokenmap[i] = empty
+    rows = max(config.get("vocab_size") or 0, config.get("embedding_size") or 0)
+    tokenmap.extend([empty] * (rows - len(tokenmap)))
+
+
 def patch_utils(module):
     """Complete diffusion configs from the tokenizer, quietly load tokenizers."""
     if getattr(module, "_mlx_lm_llada_patched", False):
@@ -143,21 +159,28 @@ def patch_utils(module):
     load_config = module.load_config
     load_tokenizer = module.load_tokenizer
 
+    def model_module(config):
+        try:
+            return sys.modules[module._get_classes(config)[0].__module__]
+        except Exception:
+            return None
+
     @functools.wraps(load_config)
     def completing_load_config(model_path, *args, **kwargs):
         config = load_config(model_path, *args, **kwargs)
-        if config.get("model_type") in MODEL_MODULES:
-            special = _special_token_ids(Path(model_path))
-            for key, token in (
-                ("bos_token_id", "<|startoftext|>"),
-                ("eot_token_id", "<|eot_id|>"),
-            ):
-                if config.get(key) is None and token in special:
-                    config[key] = special[token]
-            # Diffusion defaults may ship in generation_config.json.
-            gen_config = _read_json(Path(model_path) / "generation_config.json")
-            if "diffusion_defaults" not in config and "diffusion" in gen_config:
-                config["diffusion_defaults"] = gen_config["diffusion"]
+        if config.get("model_type") not in MODEL_MODULES:
+            return config
+        # The model module names the special tokens whose ids its config
+        # lacks (CONFIG_TOKENS); the tokenizer files have them.
+        special = _special_token_ids(Path(model_path))
+        names = getattr(model_module(config), "CONFIG_TOKENS", {})
+        for key, token in names.items():
+            if config.get(key) is None and token in special:
+                config[key] = special[token]
+        # Diffusion defaults may ship in generation_config.json.
+        gen_config = _read_json(Path(model_path) / "generation_config.json")
+        if "diffusion_defaults" not in config and "diffusion" in gen_config:
+            config["diffusion_defaults"] = gen_config["diffusion"]
         return config
 
     @functools.wraps(load_tokenizer)
@@ -171,9 +194,13 @@ def patch_utils(module):
             return load_tokenizer(model_path, *args, **kwargs)
         _register_transformers_config(model_type)
         tokenizer = load_tokenizer(model_path, *args, **kwargs)
-        # An Instruct answer ends at <|eot_id|>; stop streaming there.
-        if config.get("eot_token_id") is not None:
-            tokenizer.add_eos_token(config["eot_token_id"])
+        # Tokens that also end an answer (TOKENIZER_DEFAULTS["eos_tokens"]).
+        defaults = getattr(model_module(config), "TOKENIZER_DEFAULTS", {})
+        vocab = tokenizer.get_vocab()
+        for token in defaults.get("eos_tokens", ()):
+            if token in vocab:
+                tokenizer.add_eos_token(token)
+        _skip_special_text(tokenizer, config)
         return tokenizer
 
     module.load_config = completing_load_config

@@ -13,8 +13,16 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 
-# What the strategy needs to know about this model (see ``Model.diffusion``).
+from mlx_lm_llada.diffusion_sampler import ContextCache, DiffusionSpec, stream_diffusion
+
+# LLaDA's published Instruct setting (steps default to the canvas length).
 DEFAULT_GENERATION = {"block_length": 32, "remasking": "low_confidence"}
+
+# Special-token ids that LLaDA's config lacks, read from its tokenizer.
+CONFIG_TOKENS = {"bos_token_id": "<|startoftext|>", "eot_token_id": "<|eot_id|>"}
+
+# An Instruct answer ends at <|eot_id|>, then <|endoftext|> padding.
+TOKENIZER_DEFAULTS = {"eos_tokens": ["<|eot_id|>"]}
 
 _UNSUPPORTED = {
     # key: (the only value we implement, what the reference does with it)
@@ -242,15 +250,11 @@ class Model(nn.Module):
         return self.model.transformer.blocks
 
     def make_cache(self):
-        from mlx_lm_llada.diffusion_sampler import ContextCache
-
         return [ContextCache()]
 
     @property
     def diffusion(self):
         """The settings the diffusion sampler needs from this model."""
-        from mlx_lm_llada.diffusion_sampler import DiffusionSpec
-
         args = self.args
         return DiffusionSpec(
             mask_token_id=args.mask_token_id,
@@ -262,6 +266,4 @@ class Model(nn.Module):
         )
 
     def generate_step(self, prompt: mx.array, **kwargs):
-        from mlx_lm_llada.diffusion_sampler import stream_diffusion
-
         return stream_diffusion(self, prompt, **kwargs)
