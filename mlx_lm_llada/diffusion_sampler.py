@@ -582,7 +582,8 @@ def resolve_settings(
     """The settings in force, from lowest to highest precedence: built-in
     defaults, the model's (its module's, then its directory's
     ``generation_config.json``), the environment, our commands' flags, and
-    the Python call's keyword arguments."""
+    the Python call's keyword arguments. An explicit ``None`` (``none`` as
+    text) turns an optional setting off, e.g. ``threshold=None``."""
     values: Dict[str, Any] = {}
     _check_names(spec.defaults, "the model's generation defaults")
     values.update({k: _parse_setting(k, v) for k, v in spec.defaults.items()})
@@ -592,13 +593,19 @@ def resolve_settings(
         ("the call", overrides or {}),
     ):
         _check_names(given, source)
-        values.update({k: v for k, v in given.items() if v is not None})
+        values.update(given)
     return DiffusionSettings(**values)
 
 
 def set_command_settings(**settings):
-    """Install the settings given on a command line (``None`` = not given)."""
-    settings = {k: v for k, v in settings.items() if v is not None}
+    """Install the settings given on a command line.
+
+    ``None`` means not given; the text ``none`` turns a setting off."""
+    settings = {
+        k: _parse_setting(k, v) if isinstance(v, str) else v
+        for k, v in settings.items()
+        if v is not None
+    }
     _check_names(settings, "the command's flags")
     DiffusionSettings(**settings).check_values()  # fail now, not mid-run
     _command_settings.clear()
