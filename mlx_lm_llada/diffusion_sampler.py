@@ -664,15 +664,17 @@ def stream_diffusion(
     gen_length = -(-max_tokens // config.block_length) * config.block_length
 
     context_cache = _context_cache(prompt_cache)
-    prompt = [int(t) for t in np.array(prompt).reshape(-1)]
+    given = [int(t) for t in np.array(prompt).reshape(-1)]
+    prompt = given
     if context_cache is not None:
         # The cache keeps what was said, as the caller counts it (the server
         # trims it by its own token counts); the model sees chat.py's context.
-        context_cache.tokens.extend(prompt)
-        prompt = _conversation(context_cache.tokens, spec)
-    if not prompt:
+        prompt = _conversation(context_cache.tokens + given, spec)
+    if not given or not prompt:
         raise ValueError("The prompt is empty: a diffusion model needs a prompt")
     _check_length(spec, len(prompt), gen_length)
+    if context_cache is not None:
+        context_cache.tokens.extend(given)
     P = len(prompt)
     if prompt_progress_callback is not None:
         prompt_progress_callback(0, P)
