@@ -8,12 +8,15 @@ from .visualize import watch_command
 
 FLAGS = {
     # setting: (type, help)
-    "steps": (int, "Denoising steps for the whole canvas (default: its length)"),
+    "steps": (str, "Denoising steps for the whole canvas (default: its length)"),
     "block_length": (int, "Tokens per semi-autoregressive block (default: 32)"),
     "remasking": (str, f"Which masked tokens to commit first: {', '.join(REMASKING)}"),
     "cfg_scale": (float, "Classifier-free guidance scale (0: off)"),
-    "threshold": (float, "Fast-dLLM parallel decoding: commit every token this sure"),
-    "factor": (float, "Fast-dLLM parallel decoding, factor rule"),
+    "threshold": (
+        str,
+        "Fast-dLLM parallel decoding: commit every token this sure ('none': off)",
+    ),
+    "factor": (str, "Fast-dLLM parallel decoding, factor rule ('none': off)"),
     "cache": (str, f"Key/value cache across steps: {', '.join(CACHE_MODES)}"),
 }
 BOOL_FLAGS = {

@@ -670,7 +670,7 @@ def stream_diffusion(
         # The cache keeps what was said, as the caller counts it (the server
         # trims it by its own token counts); the model sees chat.py's context.
         prompt = _conversation(context_cache.tokens + given, spec)
-    if not given or not prompt:
+    if not prompt:
         raise ValueError("The prompt is empty: a diffusion model needs a prompt")
     _check_length(spec, len(prompt), gen_length)
     if context_cache is not None:

@@ -78,6 +78,13 @@ def _width(text: str) -> int:
     )
 
 
+def _clip(text: str, width: int) -> str:
+    # A line that wraps would throw the redraw's line count off.
+    while _width(text) > width:
+        text = text[:-1]
+    return text
+
+
 class _Pieces:
     """Token id -> display text, decoded once per id."""
 
@@ -104,6 +111,13 @@ class _Pieces:
 
 def _prompt_length(st) -> int:
     return st.block_start - st.block * st.block_length
+
+
+def _first_mask(st, row: int) -> Optional[int]:
+    # Without a spec: what the first step left of the canvas is still masked.
+    canvas = st.canvas[row]
+    left = np.setdiff1d(np.arange(_prompt_length(st), len(canvas)), st.committed[row])
+    return int(canvas[left[0]]) if len(left) else None
 
 
 class CanvasView:
@@ -134,6 +148,8 @@ class CanvasView:
         self.start = time.perf_counter()
 
     def __call__(self, st):
+        if self.step is None and self.pieces.mask is None:
+            self.pieces.mask = _first_mask(st, 0)
         self.step = st
         self.canvas = st.canvas[0]
         for pos in st.committed[0]:
@@ -167,9 +183,9 @@ class CanvasView:
         rate = self.committed / max(seconds, 1e-9)
         if final:
             return (
-                f"canvas: {self.committed}/{gen} tokens committed in "
-                f"{st.block + 1}/{blocks} blocks of {st.block_length} · "
-                f"nfe {st.nfe} · {seconds:.2f} s · {rate:.1f} tok/s"
+                f"canvas: {self.committed}/{gen} tokens · {st.block + 1}/{blocks} "
+                f"blocks of {st.block_length} · nfe {st.nfe} · {seconds:.2f} s · "
+                f"{rate:.1f} tok/s"
             )
         return (
             f"block {st.block + 1}/{blocks} · step {st.step + 1} · "
@@ -226,13 +242,13 @@ class CanvasView:
         if len(lines) > room:
             first = max(0, min(current_line, len(lines) - room))
             lines = lines[first : first + room]
-        return lines + [self.progress()]
+        return lines + [_clip(self.progress(), width)]
 
     def _draw(self, final: bool = False):
         size = shutil.get_terminal_size()
         lines = self.render(max(size.columns - 1, 10), max(size.lines - 1, 2))
         if final:
-            lines[-1] = self.progress(final=True)
+            lines[-1] = _clip(self.progress(final=True), size.columns - 1)
         if self.lines:
             # Back to the first line of the last frame, and clear below.
             up = f"\x1b[{self.lines - 1}A" if self.lines > 1 else ""
@@ -293,9 +309,7 @@ class TraceRecorder:
         mask = self.pieces.mask
         if self.canvas is None:
             if mask is None:
-                # Without a spec: what the first step left is still masked.
-                left = np.setdiff1d(np.arange(P, len(row)), st.committed[self.row])
-                mask = self.pieces.mask = int(row[left[0]]) if len(left) else None
+                mask = self.pieces.mask = _first_mask(st, self.row)
             self.seen = np.zeros(len(row), dtype=bool)
             self.prompt_length = P
             prompt = [int(t) for t in row[:P]]
