@@ -1,3 +1,4 @@
+# Copyright © 2026 mlx-lm-llada contributors.
 """The masked-diffusion generation strategy, for any model that declares it.
 
 One denoising loop serves LLaDA's reference schedule (``generate.py``),
@@ -15,12 +16,10 @@ The loop knows nothing of a model's internals. It needs
   and the model's default settings.
 """
 
-import math
 import numbers
 import os
-import time
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np

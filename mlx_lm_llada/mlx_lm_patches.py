@@ -247,10 +247,10 @@ class _RequestFailed(BaseException):
 def _request_settings(settings):
     from .diffusion_sampler import _check_names
 
-    where = f'the request\'s "{REQUEST_SETTINGS_FIELD}" object'
+    field = f'request\'s "{REQUEST_SETTINGS_FIELD}"'
     if not isinstance(settings, dict):
-        raise ValueError(f"{where} must map setting names to values")
-    _check_names(settings, where)
+        raise ValueError(f"The {field} must be an object of settings: {settings!r}")
+    _check_names(settings, f"the {field}")
     return settings
 
 
@@ -283,10 +283,6 @@ def patch_server(module):
 
     @functools.wraps(generate)
     def starting_generate(self, request, generation_args, progress_callback=None):
-        if not has_own_generation(self.model_provider.model):
-            return generate(self, request, generation_args, progress_callback)
-        # No header is sent before the first token, so that an error until
-        # then gets its own status; the progress reports wait for it too.
         held, started = [], []
 
         def relay(*progress):
@@ -296,6 +292,12 @@ def patch_server(module):
                 progress_callback(*progress)
 
         ctx, response = generate(self, request, generation_args, relay)
+        # The request's model is loaded now (it may be loaded on demand).
+        if not has_own_generation(self.model_provider.model):
+            started.append(True)
+            return ctx, response
+        # No header is sent before the first token, so that an error until
+        # then gets its own status; the progress reports wait for it too.
         try:
             first = next(response, None)
         except ValueError as e:
