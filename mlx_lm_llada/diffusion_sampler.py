@@ -528,7 +528,7 @@ _ENV_RESERVED = {"MLX_LM_LLADA_DISABLE"}
 _command_settings: Dict[str, Any] = {}
 
 
-def _parse_setting(name: str, value):
+def parse_setting(name: str, value):
     """Convert a setting given as text (environment, config) to its type."""
     kind = {f.name: f.type for f in fields(DiffusionSettings)}[name]
     if not isinstance(value, str):
@@ -572,7 +572,7 @@ def environment_settings(environ=None) -> Dict[str, Any]:
         if k.startswith(ENV_PREFIX) and k not in _ENV_RESERVED
     }
     _check_names(found, "the environment (MLX_LM_LLADA_*)")
-    return {k: _parse_setting(k, v) for k, v in found.items()}
+    return {k: parse_setting(k, v) for k, v in found.items()}
 
 
 def resolve_settings(
@@ -585,7 +585,7 @@ def resolve_settings(
     text) turns an optional setting off, e.g. ``threshold=None``."""
     values: Dict[str, Any] = {}
     _check_names(spec.defaults, "the model's generation defaults")
-    values.update({k: _parse_setting(k, v) for k, v in spec.defaults.items()})
+    values.update({k: parse_setting(k, v) for k, v in spec.defaults.items()})
     values.update(environment_settings())
     for source, given in (
         ("the command's flags", _command_settings),
@@ -601,7 +601,7 @@ def set_command_settings(**settings):
 
     ``None`` means not given; the text ``none`` turns a setting off."""
     settings = {
-        k: _parse_setting(k, v) if isinstance(v, str) else v
+        k: parse_setting(k, v) if isinstance(v, str) else v
         for k, v in settings.items()
         if v is not None
     }

@@ -1,11 +1,21 @@
-"""The model and the sampler against the official reference's outputs."""
+"""The model and the sampler against the official reference's outputs.
+
+With ``MLX_LM_LLADA_UPSTREAM_TREE=1`` (and ``MLX_LM_LLADA_DISABLE=1``, and
+an mlx-lm tree patched with ``patches/`` first on ``PYTHONPATH``) the same
+cases run on the patched mlx-lm alone: tests/test_patches.py does that.
+"""
+
+import os
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import GOLDEN, case_id, golden_cases, load_golden
 
-from mlx_lm_llada import diffusion_generate
+if os.environ.get("MLX_LM_LLADA_UPSTREAM_TREE") == "1":
+    from mlx_lm.diffusion_sampler import diffusion_generate
+else:
+    from mlx_lm_llada import diffusion_generate
 
 FORWARD = golden_cases("forward")
 SAMPLER = [c for c in golden_cases() if c["kind"] in ("generate", "generate_batch")]

@@ -1,0 +1,454 @@
+"""Diffusion decoding modes against mlx-lm's autoregressive decoding, one run.
+
+For one model geometry it measures, on this machine and in this process:
+
+- the reference schedule (one full pass per step), Fast-dLLM's prefix cache,
+  dual cache, and dual cache with threshold 0.9: tokens per second, model
+  calls per token and peak memory;
+- the cost of one step of each kind (full pass, prefix step, dual step)
+  against the full pass;
+- mlx-lm's own autoregressive decoding (``generate_step``) of a llama model of
+  the same width, depth, vocabulary and dtype, generating as many tokens.
+
+Run it with OpenBLAS preloaded on Linux (see benchmarks/README.md).
+"""
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_lm_llada import diffusion_generate
+
+GEOMETRIES = {
+    # LLaDA-8B's shape (4096 wide, 32 layers) scaled to a 2-core CPU, with the
+    # full 126,464-row vocabulary.
+    "llada-8b-scaled": dict(
+        d_model=1024, n_layers=8, n_heads=8, mlp_hidden_size=3072, vocab=126464
+    ),
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=160, vocab=512),
+}
+
+MODES = {
+    "reference": dict(cache="none"),
+    "prefix cache": dict(cache="prefix"),
+    "dual cache": dict(cache="dual"),
+    "dual cache + threshold 0.9": dict(cache="dual", threshold=0.9),
+}
+
+
+def llada_model(g, dtype, bits):
+    from mlx_lm_llada.models import llada
+
+    args = llada.ModelArgs(
+        model_type="llada",
+        d_model=g["d_model"],
+        n_heads=g["n_heads"],
+        n_layers=g["n_layers"],
+        mlp_hidden_size=g["mlp_hidden_size"],
+        vocab_size=g["vocab"],
+        mask_token_id=g["vocab"] - 128,
+        eos_token_id=g["vocab"] - 127,
+        rope_theta=500000.0,
+    )
+    return _finish(llada.Model(args), dtype, bits)
+
+
+def llama_model(g, dtype, bits):
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=g["d_model"],
+        num_hidden_layers=g["n_layers"],
+        intermediate_size=g["mlp_hidden_size"],
+        num_attention_heads=g["n_heads"],
+        rms_norm_eps=1e-5,
+        vocab_size=g["vocab"],
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+    return _finish(llama.Model(args), dtype, bits)
+
+
+def _finish(model, dtype, bits):
+    model.set_dtype(dtype)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def _peak_reset():
+    mx.synchronize()
+    mx.reset_peak_memory()
+
+
+def tokens_before_end(canvas, prompt_length, end_ids):
+    gen = np.array(canvas)[0, prompt_length:]
+    ends = np.flatnonzero(np.isin(gen, list(end_ids)))
+    return int(ends[0]) if len(ends) else len(gen)
+
+
+def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_stop):
+    """Decode ``blocks`` blocks of the canvas; tokens counted before the end."""
+    P = prompt.shape[1]
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def on_step(step):
+        calls.append(step.nfe)
+        if (step.canvas[0, P : P + blocks * block_length] != mask_id).all():
+            raise Stop
+
+    mask_id = model.diffusion.mask_token_id
+    _peak_reset()
+    tic = time.perf_counter()
+    canvas = None
+    try:
+        canvas, nfe = diffusion_generate(
+            model,
+            prompt,
+            steps=gen_length,
+            gen_length=gen_length,
+            block_length=block_length,
+            early_stop=early_stop,
+            on_step=on_step,
+            **MODES[mode],
+        )
+    except Stop:
+        nfe = calls[-1]
+    seconds = time.perf_counter() - tic
+    peak = mx.get_peak_memory() / 1e9
+    filled = blocks * block_length if canvas is None else gen_length
+    tokens = filled
+    if canvas is not None:
+        tokens = tokens_before_end(canvas, P, model.diffusion.end_token_ids)
+    return dict(
+        mode=mode,
+        tokens=tokens,
+        nfe=nfe,
+        seconds=seconds,
+        tokens_per_second=tokens / seconds,
+        calls_per_token=nfe / max(tokens, 1),
+        peak_gb=peak,
+    )
+
+
+def run_autoregressive(model, prompt, n_tokens):
+    from mlx_lm.generate import generate_step
+
+    _peak_reset()
+    tic = time.perf_counter()
+    first = None
+    for n, _ in enumerate(generate_step(prompt[0], model, max_tokens=n_tokens)):
+        if n == 0:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return dict(
+        mode="autoregressive (mlx-lm)",
+        tokens=n_tokens,
+        nfe=n_tokens,
+        seconds=end - tic,
+        tokens_per_second=n_tokens / (end - tic),
+        decode_tokens_per_second=(n_tokens - 1) / (end - first),
+        calls_per_token=1.0,
+        peak_gb=mx.get_peak_memory() / 1e9,
+    )
+
+
+def time_call(fn, repeat=3):
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
+def step_costs(model, llama, prompt, gen_length, block_length):
+    """Seconds for one call of each kind, at the first block of the canvas."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_lm_llada.diffusion_sampler import CanvasCache
+
+    mask_id = model.diffusion.mask_token_id
+    P = prompt.shape[1]
+    x = mx.concatenate([prompt, mx.full((1, gen_length), mask_id, prompt.dtype)], 1)
+    T = x.shape[1]
+    block = mx.arange(block_length)
+    caches = [CanvasCache() for _ in model.layers]
+    mx.eval(model(x, cache=caches, logits_positions=P + block))
+
+    def full():
+        mx.eval(model(x, logits_positions=P + block))
+
+    def prefix():
+        for c in caches:
+            c.offset = P
+        mx.eval(model(x[:, P:], cache=caches, logits_positions=block))
+
+    def dual(head=True):
+        for c in caches:
+            c.offset = P
+        out = model(x[:, P : P + block_length], cache=caches, logits_positions=block)
+        mx.eval(out)
+
+    def dual_no_head():
+        for c in caches:
+            c.offset = P
+        t = model.model.transformer
+        h = t.wte(x[:, P : P + block_length])
+        for b, c in zip(t.blocks, caches):
+            h = b(h, None, c)
+        mx.eval(h)
+
+    ar_cache = make_prompt_cache(llama)
+    mx.eval(llama(prompt[:, :-1], cache=ar_cache))
+    ar_cache_block = make_prompt_cache(llama)
+    mx.eval(llama(x[:, :P], cache=ar_cache_block))
+
+    def ar_step():
+        for c in ar_cache:
+            c.trim(c.offset - (P - 1))
+        mx.eval(llama(prompt[:, -1:], cache=ar_cache))
+
+    costs = {
+        "full pass": time_call(full),
+        "prefix step": time_call(prefix),
+        "dual step": time_call(dual),
+        "dual step, no output head": time_call(dual_no_head),
+        "autoregressive step": time_call(ar_step),
+    }
+    costs["dual / full"] = costs["dual step"] / costs["full pass"]
+    costs["canvas tokens"] = T
+    return costs
+
+
+def checkpoint_geometry(model):
+    a = model.args
+    return dict(
+        d_model=a.d_model,
+        n_layers=a.n_layers,
+        n_heads=a.n_heads,
+        mlp_hidden_size=a.mlp_hidden_size,
+        vocab=a.embedding_size,
+    )
+
+
+def run_trained(path, problems, gen_length, block_length, dtype):
+    """Each decoding mode on held-out problems, one at a time, early stop on
+    (as mlx-lm streams): answer tokens per second, calls, exact match."""
+    import mlx_lm
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_tiny_llada import heldout_problems, make_task, parse_answer
+
+    model, tokenizer = mlx_lm.load(str(path))
+    model.set_dtype(dtype)
+    info = json.loads((Path(path) / "training.json").read_text())
+    targs = info["args"]
+    task = make_task(
+        targs.get("task", "add"),
+        max_digits=targs.get("max_digits", 3),
+        min_len=targs.get("min_len", 6),
+        max_len=targs.get("max_len", 8),
+    )
+    questions = heldout_problems(task, n=problems, seed=targs.get("heldout_seed", 1234))
+    end_ids = model.diffusion.end_token_ids
+    prompts = [
+        mx.array(
+            [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], add_generation_prompt=True
+                )
+            ]
+        )
+        for q in questions
+    ]
+    rows = []
+    for mode, kwargs in MODES.items():
+        for early_stop in (True, False):
+            tokens = calls = correct = 0
+            _peak_reset()
+            tic = time.perf_counter()
+            for q, prompt in zip(questions, prompts):
+                canvas, nfe = diffusion_generate(
+                    model,
+                    prompt,
+                    steps=gen_length,
+                    gen_length=gen_length,
+                    block_length=block_length,
+                    early_stop=early_stop,
+                    **kwargs,
+                )
+                P = prompt.shape[1]
+                n = tokens_before_end(canvas, P, end_ids)
+                text = tokenizer.decode(np.array(canvas)[0, P : P + n].tolist())
+                correct += parse_answer(text) == task.answer(q)
+                tokens += n
+                calls += nfe
+            seconds = time.perf_counter() - tic
+            rows.append(
+                dict(
+                    mode=mode + (" + early stop" if early_stop else ""),
+                    tokens=tokens,
+                    nfe=calls,
+                    seconds=seconds,
+                    tokens_per_second=tokens / seconds,
+                    calls_per_token=calls / max(tokens, 1),
+                    peak_gb=mx.get_peak_memory() / 1e9,
+                    exact_match=correct / len(questions),
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    # mlx-lm's autoregressive decoding of a llama of the same shape, as many
+    # answer tokens per problem, from prompts of the same lengths.
+    g = checkpoint_geometry(model)
+    llama = llama_model(g, dtype, 0)
+    per_problem = max(1, rows[0]["tokens"] // len(questions))
+    _peak_reset()
+    tic = time.perf_counter()
+    for prompt in prompts:
+        for _ in generate_step_tokens(llama, prompt, per_problem):
+            pass
+    seconds = time.perf_counter() - tic
+    n = per_problem * len(prompts)
+    rows.append(
+        dict(
+            mode="autoregressive (mlx-lm)",
+            tokens=n,
+            nfe=n,
+            seconds=seconds,
+            tokens_per_second=n / seconds,
+            calls_per_token=1.0,
+            peak_gb=mx.get_peak_memory() / 1e9,
+        )
+    )
+    print(json.dumps(rows[-1]), flush=True)
+    return g, rows
+
+
+def generate_step_tokens(model, prompt, n):
+    from mlx_lm.generate import generate_step
+
+    return generate_step(prompt[0], model, max_tokens=n)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
+    axes = np.atleast_1d(axes)
+    for ax, result in zip(axes, results):
+        rows = result["rows"]
+        names = [r["mode"] for r in rows]
+        tps = [r["tokens_per_second"] for r in rows]
+        colors = ["#888" if "autoregressive" in n else "#2a7" for n in names]
+        ax.barh(names, tps, color=colors)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("generated tokens per second (log)")
+        ax.set_title(result["title"], fontsize=10)
+        for y, v in enumerate(tps):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--geometry", choices=GEOMETRIES, default="llada-8b-scaled")
+    parser.add_argument(
+        "--model", type=Path, help="a trained checkpoint instead of a geometry"
+    )
+    parser.add_argument("--problems", type=int, default=20, help="with --model")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--bits", type=int, default=0, help="quantize (4 or 8)")
+    parser.add_argument("--prompt-length", type=int, default=300)
+    parser.add_argument("--gen-length", type=int, default=256)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help="blocks of the canvas to decode per mode (each block costs alike)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results.json"))
+    parser.add_argument(
+        "--plot",
+        nargs="+",
+        type=Path,
+        help="only draw results JSON files into --out (a .png)",
+    )
+    args = parser.parse_args()
+
+    if args.plot:
+        results = [json.loads(p.read_text()) for p in args.plot]
+        plot(results, args.out)
+        return
+
+    mx.random.seed(0)
+    dtype = getattr(mx, args.dtype)
+    if args.model is not None:
+        g, rows = run_trained(
+            args.model, args.problems, args.gen_length, args.block_length, dtype
+        )
+        costs = None
+        title = f"trained {args.model.name}, {args.dtype}, canvas {args.gen_length}"
+    else:
+        g = GEOMETRIES[args.geometry]
+        model = llada_model(g, dtype, args.bits)
+        llama = llama_model(g, dtype, args.bits)
+        prompt = mx.random.randint(0, g["vocab"] - 256, (1, args.prompt_length))
+        rows = []
+        for mode in MODES:
+            rows.append(
+                run_diffusion(
+                    model,
+                    prompt,
+                    args.gen_length,
+                    args.block_length,
+                    mode,
+                    args.blocks,
+                    early_stop=False,
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        rows.append(run_autoregressive(llama, prompt, rows[0]["tokens"]))
+        print(json.dumps(rows[-1]), flush=True)
+        costs = step_costs(model, llama, prompt, args.gen_length, args.block_length)
+        print(json.dumps(costs), flush=True)
+        bits = f"{args.bits}-bit" if args.bits else args.dtype
+        title = f"{args.geometry} (random weights), {bits}, canvas {args.gen_length}"
+
+    result = dict(
+        title=title,
+        shape=g,
+        dtype=args.dtype,
+        bits=args.bits,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        machine=platform.platform(),
+        device=str(mx.default_device()),
+        rows=rows,
+        step_costs=costs,
+    )
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

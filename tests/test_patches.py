@@ -1,0 +1,292 @@
+"""The upstream patch series in patches/: current, and what a reviewer checks.
+
+The reviewer's check unpacks the mlx-lm 0.32.2 sdist, applies the series with
+``git apply``, and runs, with our import hook off (MLX_LM_LLADA_DISABLE=1):
+upstream's own tests on the patched and the pristine tree, and this
+project's golden tests on the patched mlx-lm alone.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCHES = ROOT / "patches"
+SERIES = sorted(PATCHES.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+
+# Upstream's tests that run on CPU without a download, and the series' own.
+UPSTREAM_TESTS = ["tests/test_models.py", "tests/test_sample_utils.py"]
+NEW_TESTS = ["tests/test_diffusion.py", "tests/test_generate.py::TestOwnGenerationLoop"]
+NEW_IDS = re.compile(r"test_diffusion\.|TestOwnGenerationLoop::|::test_llada$")
+UNREACHABLE = re.compile(
+    r"connection|resolution|max retries|timed out|unreachable|proxy"
+    r"|no matching distribution",
+    re.I,
+)
+
+
+def _load_make_series():
+    spec = importlib.util.spec_from_file_location(
+        "make_series", PATCHES / "make_series.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_series = _load_make_series()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    try:
+        return make_series.fetch_sdist(tmp_path_factory.mktemp("sdist"))
+    except make_series.DownloadError as e:
+        if UNREACHABLE.search(str(e)):
+            pytest.skip(f"PyPI is unreachable: {e}")
+        raise
+
+
+def _copy(tree, dest):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(tree, dest, ignore=ignore)
+    return dest
+
+
+def _env(tree, **extra):
+    # Our hook off, mlx_lm from the tree, none of our settings variables.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_LM_LLADA_")}
+    env.update(
+        PYTHONPATH=str(tree),
+        MLX_LM_LLADA_DISABLE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        **extra,
+    )
+    return env
+
+
+def _pytest(tree, cwd, tests, junit, **env):
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    return subprocess.Popen(
+        [*command, f"--junitxml={junit}", *tests],
+        cwd=cwd,
+        env=_env(tree, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _outcomes(junit):
+    outcomes = {}
+    for case in ET.parse(junit).iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                status = tag
+        outcomes[name] = status
+    return outcomes
+
+
+def _where_is_mlx_lm(tree, cwd):
+    probe = (
+        "import sys, mlx_lm, mlx_lm.generate;"
+        "print(mlx_lm.__file__);"
+        "print(any(type(f).__name__ == 'MlxLmFinder' for f in sys.meta_path))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=cwd,
+        env=_env(tree),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return Path(out[0]), out[1] == "True"
+
+
+# The golden chat case through the patched mlx-lm's own stream_generate: the
+# model's loop, its token cache across turns, and the tokenizer facts
+# (CONFIG_TOKENS, TOKENIZER_DEFAULTS["eos_tokens"]) it needs.
+CHAT_PROBE = """
+import json
+import mlx_lm
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+golden = "tests/fixtures/golden"
+with open(f"{golden}/cases.json") as f:
+    cases = json.load(f)
+ids = cases["special_token_ids"]
+case = [c for c in cases["cases"] if c["kind"] == "chat"][0]
+params = case["params"]
+# As mlx-lm's commands load it (no question about the checkpoint's code).
+model, tokenizer = mlx_lm.load(
+    f"{golden}/{case['model']}", tokenizer_config={"trust_remote_code": False}
+)
+facts = [model.args.bos_token_id, model.args.eot_token_id]
+facts += [sorted(tokenizer.eos_token_ids)]
+expected = [ids["<|startoftext|>"], ids["<|eot_id|>"]]
+expected += [sorted([ids["<|endoftext|>"], ids["<|eot_id|>"]])]
+cache = make_prompt_cache(model)
+turns = []
+for turn in case["turns"]:
+    messages = [{"role": "user", "content": turn["user"]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    responses = mlx_lm.stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=params["gen_length"],
+        sampler=make_sampler(0.0),
+        prompt_cache=cache,
+        steps=params["steps"],
+        block_length=params["block_length"],
+    )
+    tokens = [r.token for r in responses]
+    turns.append(tokens == turn["output_ids"][0][len(turn["context_ids"][0]) :])
+print("\\nRESULT", json.dumps({"facts": facts == expected, "turns": turns}))
+"""
+
+
+@pytest.fixture(scope="module")
+def reviewer_runs(pristine, tmp_path_factory):
+    """The three runs of the reviewer's check, side by side."""
+    work = tmp_path_factory.mktemp("reviewer")
+    patched = _copy(pristine, work / "patched")
+    unpatched = _copy(pristine, work / "unpatched")
+    for patch in SERIES:
+        subprocess.run(
+            ["git", "apply", str(patch)],
+            cwd=patched,
+            env={**os.environ, "GIT_CEILING_DIRECTORIES": str(work)},
+            check=True,
+        )
+    for tree, cwd in ((patched, patched), (unpatched, unpatched), (patched, ROOT)):
+        origin, hooked = _where_is_mlx_lm(tree, cwd)
+        assert origin == tree / "mlx_lm" / "__init__.py" and not hooked
+    runs = {
+        "patched": _pytest(
+            patched, patched, UPSTREAM_TESTS + NEW_TESTS, work / "patched.xml"
+        ),
+        "unpatched": _pytest(
+            unpatched, unpatched, UPSTREAM_TESTS, work / "unpatched.xml"
+        ),
+        "golden": _pytest(
+            patched,
+            ROOT,
+            ["tests/test_golden_parity.py"],
+            work / "golden.xml",
+            MLX_LM_LLADA_UPSTREAM_TREE="1",
+        ),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", CHAT_PROBE],
+        cwd=ROOT,
+        env=_env(patched),
+        capture_output=True,
+        text=True,
+    )
+    results = {"chat": probe}
+    for name, process in runs.items():
+        output, _ = process.communicate(timeout=1200)
+        junit = work / f"{name}.xml"
+        if not junit.exists():
+            pytest.fail(f"the {name} run wrote no report:\n{output[-3000:]}")
+        results[name] = (_outcomes(junit), output)
+    return results
+
+
+def test_series_is_what_make_series_writes(pristine, tmp_path):
+    out = tmp_path / "series"
+    subprocess.run(
+        [
+            *(sys.executable, str(PATCHES / "make_series.py")),
+            *("--mlx-lm-src", str(pristine), "--out", str(out)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    written = sorted(out.glob("*.patch"))
+    assert [p.name for p in written] == [p.name for p in SERIES]
+    for new, committed in zip(written, SERIES):
+        assert (
+            new.read_text() == committed.read_text()
+        ), f"{committed.name} is out of date: run python patches/make_series.py"
+    check = subprocess.run(
+        [
+            *(sys.executable, str(PATCHES / "make_series.py")),
+            *("--mlx-lm-src", str(pristine), "--check"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_series_passes_upstream_formatting(pristine, tmp_path):
+    import importlib.metadata as md
+
+    for tool, version in make_series.TOOLS.items():
+        try:
+            found = md.version(tool)
+        except md.PackageNotFoundError:
+            found = None
+        if found != version:
+            pytest.skip(f"needs {tool}=={version} (found {found}), as upstream")
+    lint = subprocess.run(
+        [
+            *(sys.executable, str(PATCHES / "make_series.py")),
+            *("--mlx-lm-src", str(pristine), "--out", str(tmp_path), "--lint"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_upstream_tests_pass_as_before(reviewer_runs):
+    patched, output = reviewer_runs["patched"]
+    unpatched, _ = reviewer_runs["unpatched"]
+    upstream = {k: v for k, v in patched.items() if not NEW_IDS.search(k)}
+    assert set(upstream) == set(unpatched)
+    changed = {k: (unpatched[k], v) for k, v in upstream.items() if unpatched[k] != v}
+    assert not changed, output[-3000:]
+    assert list(unpatched.values()).count("passed") > 100
+
+
+def test_new_tests_pass(reviewer_runs):
+    patched, output = reviewer_runs["patched"]
+    new = {k: v for k, v in patched.items() if NEW_IDS.search(k)}
+    assert len(new) >= 10
+    assert set(new.values()) == {"passed"}, output[-3000:]
+
+
+def test_golden_cases_on_the_patched_mlx_lm_alone(reviewer_runs):
+    from test_golden_parity import FASTDLLM, FORWARD, SAMPLER
+
+    golden, output = reviewer_runs["golden"]
+    assert list(golden.values()).count("passed") == len(FORWARD + SAMPLER + FASTDLLM)
+    assert set(golden.values()) == {"passed"}, output[-3000:]
+
+
+def test_golden_chat_on_the_patched_mlx_lm_alone(reviewer_runs):
+    probe = reviewer_runs["chat"]
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = re.search(r"^RESULT (.*)$", probe.stdout, re.M)
+    assert result, probe.stdout[-3000:] + probe.stderr[-3000:]
+    result = json.loads(result.group(1))
+    assert result["facts"], "special-token ids from CONFIG_TOKENS and eos_tokens"
+    assert result["turns"] and all(result["turns"]), result
