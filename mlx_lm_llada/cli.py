@@ -3,7 +3,8 @@
 import argparse
 import functools
 
-from .diffusion_sampler import CACHE_MODES, REMASKING, set_command_settings
+from .diffusion_sampler import CACHE_MODES, REMASKING
+from .plugin_settings import set_command_settings
 from .visualize import watch_command
 
 FLAGS = {

@@ -17,7 +17,6 @@ The loop knows nothing of a model's internals. It needs
 """
 
 import numbers
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -521,13 +520,6 @@ def _check_length(spec: DiffusionSpec, prompt_length: int, gen_length: int):
         )
 
 
-ENV_PREFIX = "MLX_LM_LLADA_"
-_ENV_RESERVED = {"MLX_LM_LLADA_DISABLE"}
-
-# Settings given by our commands' flags (between the call's and the environment's).
-_command_settings: Dict[str, Any] = {}
-
-
 def parse_setting(name: str, value):
     """Convert a setting given as text (environment, config) to its type."""
     kind = {f.name: f.type for f in fields(DiffusionSettings)}[name]
@@ -553,7 +545,8 @@ def parse_setting(name: str, value):
     return value.strip()
 
 
-def _check_names(names, source):
+def check_setting_names(names, source):
+    """Raise a ValueError naming any unknown setting and where it came from."""
     known = {f.name for f in fields(DiffusionSettings)}
     unknown = sorted(set(names) - known)
     if unknown:
@@ -563,52 +556,19 @@ def _check_names(names, source):
         )
 
 
-def environment_settings(environ=None) -> Dict[str, Any]:
-    """Settings from ``MLX_LM_LLADA_<NAME>`` variables (e.g. ``..._STEPS``)."""
-    environ = os.environ if environ is None else environ
-    found = {
-        k[len(ENV_PREFIX) :].lower(): v
-        for k, v in environ.items()
-        if k.startswith(ENV_PREFIX) and k not in _ENV_RESERVED
-    }
-    _check_names(found, "the environment (MLX_LM_LLADA_*)")
-    return {k: parse_setting(k, v) for k, v in found.items()}
-
-
 def resolve_settings(
     spec: DiffusionSpec, overrides: Optional[Dict[str, Any]] = None
 ) -> DiffusionSettings:
-    """The settings in force, from lowest to highest precedence: built-in
-    defaults, the model's (its module's, then its directory's
-    ``generation_config.json``), the environment, our commands' flags, and
-    the Python call's keyword arguments. An explicit ``None`` (``none`` as
-    text) turns an optional setting off, e.g. ``threshold=None``."""
+    """The settings in force: the built-in defaults, then the model's (its
+    module's, then its directory's ``generation_config.json``), then the
+    call's keyword arguments. An explicit ``None`` (``none`` as text) turns
+    an optional setting off, e.g. ``threshold=None``."""
     values: Dict[str, Any] = {}
-    _check_names(spec.defaults, "the model's generation defaults")
+    check_setting_names(spec.defaults, "the model's generation defaults")
     values.update({k: parse_setting(k, v) for k, v in spec.defaults.items()})
-    values.update(environment_settings())
-    for source, given in (
-        ("the command's flags", _command_settings),
-        ("the call", overrides or {}),
-    ):
-        _check_names(given, source)
-        values.update(given)
+    check_setting_names(overrides or {}, "the call")
+    values.update(overrides or {})
     return DiffusionSettings(**values)
-
-
-def set_command_settings(**settings):
-    """Install the settings given on a command line.
-
-    ``None`` means not given; the text ``none`` turns a setting off."""
-    settings = {
-        k: parse_setting(k, v) if isinstance(v, str) else v
-        for k, v in settings.items()
-        if v is not None
-    }
-    _check_names(settings, "the command's flags")
-    DiffusionSettings(**settings).check_values()  # fail now, not mid-run
-    _command_settings.clear()
-    _command_settings.update(settings)
 
 
 def stream_diffusion(

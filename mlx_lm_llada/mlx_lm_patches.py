@@ -29,9 +29,12 @@ def patch_generate(module):
     @functools.wraps(generate_step)
     def deferring_generate_step(prompt, model, *args, **kwargs):
         if has_own_generation(model):
+            from .plugin_settings import outside_settings
+
             if args:
                 kwargs["stream"] = args[0]
-            return model.generate_step(prompt, **kwargs)
+            # The environment and our flags sit under the call's settings.
+            return model.generate_step(prompt, **{**outside_settings(), **kwargs})
         return generate_step(prompt, model, *args, **kwargs)
 
     speculative_generate_step = module.speculative_generate_step
@@ -245,12 +248,12 @@ class _RequestFailed(BaseException):
 
 
 def _request_settings(settings):
-    from .diffusion_sampler import _check_names
+    from .diffusion_sampler import check_setting_names
 
     field = f'request\'s "{REQUEST_SETTINGS_FIELD}"'
     if not isinstance(settings, dict):
         raise ValueError(f"The {field} must be an object of settings: {settings!r}")
-    _check_names(settings, f"the {field}")
+    check_setting_names(settings, f"the {field}")
     return settings
 
 

@@ -16,7 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_lm_llada import diffusion_generate
-from mlx_lm_llada.diffusion_sampler import set_command_settings
+from mlx_lm_llada.plugin_settings import set_command_settings
 
 CHAT = golden_cases("chat")
 BOS, EOS, MASK, EOT = 480, 481, 482, 485  # cases.json special_token_ids

@@ -28,7 +28,7 @@ from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_lm_llada.diffusion_sampler import set_command_settings
+from mlx_lm_llada.plugin_settings import set_command_settings
 
 openai = pytest.importorskip("openai")
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import GOLDEN, load_golden
 
 from mlx_lm_llada import diffusion_generate
-from mlx_lm_llada.diffusion_sampler import set_command_settings
+from mlx_lm_llada.plugin_settings import set_command_settings
 from mlx_lm_llada.visualize import (
     MASK_GLYPH,
     SHOW_CURSOR,
