@@ -23,6 +23,7 @@ FLAGS = {
 BOOL_FLAGS = {
     "logits_eos_inf": "Never propose EOS (its logit is -inf)",
     "confidence_eos_eot_inf": "Give EOS and EoT proposals confidence 0",
+    "reference": "Decode with the exact reference schedule (no cache, fixed steps)",
 }
 WATCH_FLAGS = {
     # option: argparse keywords (see visualize.py)

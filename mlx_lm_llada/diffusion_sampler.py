@@ -58,6 +58,8 @@ class DiffusionSettings:
     ``steps=None`` means one step per canvas token (the paper's best setting).
     ``threshold``/``factor`` switch to Fast-dLLM's parallel decoding (``steps``
     is then unused); ``cache`` is ``"none"``, ``"prefix"`` or ``"dual"``.
+    ``reference=True`` asks for the exact reference schedule: no cache, no
+    parallel rule, whatever the model's defaults say.
     """
 
     steps: Optional[int] = None
@@ -69,6 +71,7 @@ class DiffusionSettings:
     threshold: Optional[float] = None
     factor: Optional[float] = None
     cache: str = "none"
+    reference: bool = False
 
     def check_values(self):
         """Raise a ValueError naming the first setting that is impossible alone."""
@@ -566,8 +569,18 @@ def resolve_settings(
     values: Dict[str, Any] = {}
     check_setting_names(spec.defaults, "the model's generation defaults")
     values.update({k: parse_setting(k, v) for k, v in spec.defaults.items()})
-    check_setting_names(overrides or {}, "the call")
-    values.update(overrides or {})
+    overrides = overrides or {}
+    check_setting_names(overrides, "the call")
+    values.update(overrides)
+    if values.get("reference"):
+        fast = {"threshold": None, "factor": None, "cache": "none"}
+        clash = [k for k, off in fast.items() if overrides.get(k, off) != off]
+        if clash:
+            raise ValueError(
+                f"reference=True is the exact reference schedule: it cannot be "
+                f"combined with {', '.join(clash)}"
+            )
+        values.update(fast)
     return DiffusionSettings(**values)
 
 
