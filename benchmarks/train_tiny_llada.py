@@ -1,0 +1,611 @@
+#!/usr/bin/env python
+# Copyright © 2026 mlx-lm-llada contributors.
+"""Train a tiny LLaDA on a checkable instruction task with LLaDA's SFT objective.
+
+The task is an instruction in LLaDA's chat template: by default the user
+asks ``"sort 91213517"`` and the assistant answers ``"11123579"`` (6 to 8
+digits); ``--task add`` asks ``"12+345="`` for ``"357"``. The answer is
+followed by ``<|eot_id|>``, then ``<|endoftext|>`` up to a fixed answer
+length (as LLaDA-Instruct answers).
+
+Training follows LLaDA's SFT recipe: for each sequence a masking ratio
+``t ~ U(eps, 1)``; each answer token (EoT and EOS padding included) is masked
+with probability ``t``; the prompt stays clean. The loss is the cross-entropy
+on the masked tokens weighted by ``1/t``, summed, divided by the answer
+length and averaged over the batch. Seeds are fixed: the same command gives
+the same data, masks and initial weights.
+
+The result is a checkpoint in the Hugging Face layout of
+``GSAI-ML/LLaDA-8B-Instruct`` (``config.json``, ``generation_config.json``,
+``model.safetensors`` in float32 with the HF tensor names, and a tiny
+byte-level BPE tokenizer with LLaDA's special tokens and chat template),
+plus ``training.json`` (the settings and the log's summary).
+
+Sorting trains within minutes on a CPU; addition (its digits must be aligned
+by position, which a small masked model learns slowly) needs far longer.
+
+On the CPU backend, preload OpenBLAS for speed (Debian:
+``libopenblas0-pthread``)::
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python benchmarks/train_tiny_llada.py
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mlx_lm_llada.models.llada import Model, ModelArgs  # noqa: E402
+
+SPECIAL_TOKENS = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|mdm_mask|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+BOS, EOS, MASK, SOH, EOH, EOT = SPECIAL_TOKENS
+
+# The chat template of LLaDA-8B-Instruct (Llama 3's), as the golden
+# checkpoints carry it.
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+)
+
+# Whole words of the template, so that a prompt stays short.
+MERGED_WORDS = ["user", "assistant", "system", "sort"]
+
+# --------------------------------------------------------------------------
+# The tasks: a question (the user message) and its one right answer.
+
+
+class Addition:
+    """``"12+345="`` -> ``"357"``: two numbers of 1..max_digits digits each."""
+
+    name = "add"
+
+    def __init__(self, max_digits=3):
+        self.max_digits = max_digits
+        self.description = f"addition of two numbers of 1 to {max_digits} digits"
+
+    def sample(self, rng, n):
+        ops = []
+        for _ in range(2):
+            digits = rng.integers(1, self.max_digits + 1, size=n)
+            low = np.where(digits == 1, 0, 10 ** (digits - 1))
+            ops.append(rng.integers(low, 10**digits))
+        return [f"{a}+{b}=" for a, b in zip(*(o.tolist() for o in ops))]
+
+    def answer(self, question):
+        a, b = question.rstrip("=").split("+")
+        return str(int(a) + int(b))
+
+    def longest(self):
+        big = "9" * self.max_digits
+        return f"{big}+{big}="
+
+
+class Sorting:
+    """``"sort 5281390"`` -> ``"0123589"``: min_len..max_len random digits."""
+
+    name = "sort"
+
+    def __init__(self, min_len=6, max_len=8):
+        self.min_len, self.max_len = min_len, max_len
+        self.description = f"sorting a string of {min_len} to {max_len} digits"
+
+    def sample(self, rng, n):
+        lengths = rng.integers(self.min_len, self.max_len + 1, size=n)
+        return [
+            "sort " + "".join(map(str, rng.integers(0, 10, size=k).tolist()))
+            for k in lengths.tolist()
+        ]
+
+    def answer(self, question):
+        return "".join(sorted(question.split()[-1]))
+
+    def longest(self):
+        return "sort " + "9" * self.max_len
+
+
+def make_task(name, max_digits=3, min_len=6, max_len=8):
+    if name == "add":
+        return Addition(max_digits)
+    if name == "sort":
+        return Sorting(min_len, max_len)
+    raise ValueError(f"unknown task {name!r}")
+
+
+def heldout_problems(task, n=200, seed=1234):
+    """The fixed evaluation set: ``n`` distinct questions, never trained on."""
+    rng = np.random.default_rng(seed)
+    seen, problems = set(), []
+    while len(problems) < n:
+        for q in task.sample(rng, n):
+            if q not in seen and len(problems) < n:
+                seen.add(q)
+                problems.append(q)
+    return problems
+
+
+def chat_prompt(text):
+    """The chat template applied to one user message (generation prompt on)."""
+    return f"{BOS}{SOH}user{EOH}\n\n{text.strip()}{EOT}" f"{SOH}assistant{EOH}\n\n"
+
+
+def parse_answer(text):
+    """The answer text of a decoded canvas: everything before the first end."""
+    for end in (EOT, EOS):
+        text = text.split(end)[0]
+    return text.strip()
+
+
+# --------------------------------------------------------------------------
+# The tokenizer
+
+
+def bytes_to_unicode():
+    """GPT-2's byte to printable-character map (what ByteLevel uses)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer():
+    """A byte-level BPE over printable ASCII (plus tab and newline).
+
+    Every digit is one token; the only merges spell the chat roles. Bytes
+    outside ASCII have no token (the vocabulary stays under 128 rows).
+    """
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
+
+    byte_chars = bytes_to_unicode()
+    alphabet = [byte_chars[b] for b in [9, 10] + list(range(32, 127))]
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = []
+    for word in MERGED_WORDS:
+        for i in range(2, len(word) + 1):
+            left, right = word[: i - 1], word[i - 1]
+            if word[:i] not in vocab:
+                merges.append((left, right))
+                vocab[word[:i]] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=False, trim_offsets=True, use_regex=True
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    )
+    return tok
+
+
+def save_tokenizer(tok, out: Path):
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    decoder = {
+        str(ids[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "added_tokens_decoder": decoder,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    special_map = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "additional_special_tokens": [MASK, SOH, EOH, EOT],
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", special_map)
+
+
+# --------------------------------------------------------------------------
+# The checkpoint
+
+
+def hf_config(args, ids):
+    """config.json with every key of LLaDA-8B's (values for this model)."""
+    return {
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+        },
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": args.d_model,
+        "embedding_dropout": 0.0,
+        "embedding_size": args.embedding_size,
+        "eos_token_id": ids[EOS],
+        "flash_attention": False,
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "init_cutoff_factor": None,
+        "init_device": "meta",
+        "init_fn": "mitchell",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": ids[MASK],
+        "max_sequence_length": args.max_sequence_length,
+        "mlp_hidden_size": args.mlp_hidden_size,
+        "mlp_ratio": 4,
+        "model_type": "llada",
+        "multi_query_attention": None,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "n_layers": args.n_layers,
+        "pad_token_id": ids[EOS],
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": args.rms_norm_eps,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": args.rope_theta,
+        "scale_logits": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.3",
+        "use_cache": False,
+        "vocab_size": args.vocab_size,
+        "weight_tying": False,
+    }
+
+
+def save_checkpoint(model, tok, out: Path, answer_length, block_length):
+    out.mkdir(parents=True, exist_ok=True)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    _write_json(out / "config.json", hf_config(model.args, ids))
+    _write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": ids[BOS],
+            "eos_token_id": ids[EOS],
+            # mlx-lm-llada's defaults for this model: the canvas it was
+            # trained on is answer_length tokens.
+            "diffusion": {"block_length": block_length},
+            "transformers_version": "4.38.2",
+        },
+    )
+    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(mx.float32) for k, v in sorted(weights.items())}
+    mx.save_safetensors(
+        str(out / "model.safetensors"), weights, metadata={"format": "pt"}
+    )
+    save_tokenizer(tok, out)
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------
+# Data
+
+
+class Batches:
+    """Training batches: left-padded prompts, answers padded with EOS."""
+
+    def __init__(self, tok, rng, task, answer_length, exclude):
+        self.tok, self.rng, self.task = tok, rng, task
+        self.answer_length = answer_length
+        self.exclude = exclude
+        self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        longest = task.longest()
+        self.prompt_length = len(self.encode(chat_prompt(longest)))
+        if len(self.encode(task.answer(longest))) + 1 > answer_length:
+            raise ValueError(f"answer_length {answer_length} is too short")
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def problems(self, n):
+        out = []
+        while len(out) < n:
+            for q in self.task.sample(self.rng, n):
+                if q not in self.exclude and len(out) < n:
+                    out.append(q)
+        return out
+
+    def make(self, problems):
+        """tokens [B, T], attention mask [B, T], answer positions [B, T]."""
+        B, P, L = len(problems), self.prompt_length, self.answer_length
+        tokens = np.full((B, P + L), self.ids[EOS], dtype=np.int32)
+        attn = np.zeros((B, P + L), dtype=np.int32)
+        prompts = self.tok.encode_batch(
+            [chat_prompt(q) for q in problems],
+            add_special_tokens=False,
+        )
+        for i, (q, enc) in enumerate(zip(problems, prompts)):
+            p = enc.ids
+            tokens[i, P - len(p) : P] = p
+            attn[i, P - len(p) :] = 1
+            ans = self.encode(self.task.answer(q)) + [self.ids[EOT]]
+            tokens[i, P : P + len(ans)] = ans  # the rest stays EOS
+        is_answer = np.zeros((B, P + L), dtype=bool)
+        is_answer[:, P:] = True
+        return tokens, attn, is_answer
+
+    def noised(self, tokens, is_answer, eps):
+        """LLaDA's forward process on the answer: inputs and loss weights."""
+        B, T = tokens.shape
+        t = self.rng.uniform(size=B)
+        p_mask = (1 - eps) * t + eps
+        masked = (self.rng.uniform(size=(B, T)) < p_mask[:, None]) & is_answer
+        inputs = np.where(masked, self.ids[MASK], tokens).astype(np.int32)
+        # sum over masked of CE / p_mask / answer length, mean over the batch
+        weights = masked / p_mask[:, None] / self.answer_length / B
+        return inputs, weights.astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# Evaluation during training
+
+
+def accuracy(model, tok, task, problems, answer_length, block_length, batch_size=100):
+    """Exact match with the reference schedule (one token per step)."""
+    from mlx_lm_llada import diffusion_generate
+
+    right = 0
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s : s + batch_size]
+        prompt, mask = left_padded(tok, chunk, ids[EOS])
+        out, _ = diffusion_generate(
+            model,
+            mx.array(prompt),
+            attention_mask=mx.array(mask),
+            steps=answer_length,
+            gen_length=answer_length,
+            block_length=block_length,
+        )
+        out = np.array(out)[:, prompt.shape[1] :]
+        for q, row in zip(chunk, out):
+            text = tok.decode(row.tolist(), skip_special_tokens=False)
+            right += parse_answer(text) == task.answer(q)
+    return right / len(problems)
+
+
+def left_padded(tok, questions, pad_id):
+    """Chat prompts as a left-padded batch and its attention mask."""
+    encs = [tok.encode(chat_prompt(q), add_special_tokens=False).ids for q in questions]
+    P = max(map(len, encs))
+    prompt = np.full((len(encs), P), pad_id, dtype=np.int32)
+    mask = np.zeros((len(encs), P), dtype=np.int32)
+    for i, e in enumerate(encs):
+        prompt[i, P - len(e) :] = e
+        mask[i, P - len(e) :] = 1
+    return prompt, mask
+
+
+# --------------------------------------------------------------------------
+# Training
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0]
+        + " Saves a Hugging Face LLaDA checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        default="tests/fixtures/trained-sorter",
+        help="checkpoint folder (relative to the repository root)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
+    p.add_argument("--task", choices=["sort", "add"], default="sort")
+    p.add_argument("--max-digits", type=int, default=3, help="add: digits per operand")
+    p.add_argument("--min-len", type=int, default=6, help="sort: shortest string")
+    p.add_argument("--max-len", type=int, default=8, help="sort: longest string")
+    p.add_argument(
+        "--answer-length",
+        type=int,
+        default=16,
+        help="answer canvas: the answer, <|eot_id|>, then <|endoftext|> padding",
+    )
+    p.add_argument(
+        "--block-length",
+        type=int,
+        default=8,
+        help="block length written to generation_config.json and used in evals",
+    )
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--mlp-hidden", type=int, default=256)
+    p.add_argument("--vocab-rows", type=int, default=128)
+    p.add_argument("--heldout", type=int, default=200, help="problems never trained on")
+    p.add_argument("--heldout-seed", type=int, default=1234)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-problems", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=50)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mx.random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = ROOT / out
+
+    tok = build_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    if tok.get_vocab_size() > args.vocab_rows:
+        raise SystemExit(f"{tok.get_vocab_size()} tokens > {args.vocab_rows} rows")
+    model_args = ModelArgs(
+        model_type="llada",
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_heads,
+        n_layers=args.n_layers,
+        mlp_hidden_size=args.mlp_hidden,
+        vocab_size=args.vocab_rows,
+        embedding_size=args.vocab_rows,
+        mask_token_id=ids[MASK],
+        eos_token_id=ids[EOS],
+        eot_token_id=ids[EOT],
+        bos_token_id=ids[BOS],
+        rope_theta=500000.0,
+        max_sequence_length=4096,
+    )
+    model = Model(model_args)
+    mx.eval(model.parameters())
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+
+    task = make_task(args.task, args.max_digits, args.min_len, args.max_len)
+    heldout = heldout_problems(task, args.heldout, args.heldout_seed)
+    data = Batches(tok, rng, task, args.answer_length, set(heldout))
+    print(
+        f"tokenizer {tok.get_vocab_size()} tokens, {args.vocab_rows} rows; "
+        f"model {n_params:,} parameters; sequence {data.prompt_length} + "
+        f"{args.answer_length} tokens",
+        flush=True,
+    )
+
+    decay = max(1, args.steps - args.warmup)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(args.lr / args.warmup, args.lr, args.warmup),
+            optim.cosine_decay(args.lr, decay, args.min_lr),
+        ],
+        [args.warmup],
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+
+    def loss_fn(model, inputs, targets, weights, attn):
+        logits = model(inputs, attention_mask=attn)
+        ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+        return (ce * weights).sum()
+
+    state = [model.state, optimizer.state]
+
+    def train_step(inputs, targets, weights, attn):
+        loss, grads = nn.value_and_grad(model, loss_fn)(
+            model, inputs, targets, weights, attn
+        )
+        grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    train_step = mx.compile(train_step, inputs=state, outputs=state)
+
+    eval_set = heldout[: args.eval_problems]
+    start, running = time.time(), []
+    for step in range(1, args.steps + 1):
+        tokens, attn, is_answer = data.make(data.problems(args.batch_size))
+        inputs, weights = data.noised(tokens, is_answer, args.eps)
+        loss = train_step(
+            mx.array(inputs), mx.array(tokens), mx.array(weights), mx.array(attn)
+        )
+        mx.eval(state, loss)
+        running.append(loss.item())
+        if step % args.log_every == 0:
+            print(
+                f"step {step:5d}  loss {np.mean(running):.4f}  "
+                f"lr {optimizer.learning_rate.item():.2e}  "
+                f"{time.time() - start:7.1f} s",
+                flush=True,
+            )
+            running = []
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(
+                model, tok, task, eval_set, args.answer_length, args.block_length
+            )
+            print(f"step {step:5d}  held-out exact match {acc:.3f}", flush=True)
+            save_checkpoint(model, tok, out, args.answer_length, args.block_length)
+
+    train_time = time.time() - start
+    save_checkpoint(model, tok, out, args.answer_length, args.block_length)
+    _write_json(
+        out / "training.json",
+        {
+            "task": task.description,
+            "objective": "LLaDA SFT: t~U(eps,1), answer tokens masked with "
+            "prob t, CE on masked / t, / answer length, mean over batch",
+            "parameters": n_params,
+            "train_seconds": round(train_time, 1),
+            "final_heldout_accuracy_reference": acc,
+            "args": vars(args),
+            "command": " ".join(
+                ["python benchmarks/train_tiny_llada.py"]
+                + (argv if argv is not None else sys.argv[1:])
+            ),
+        },
+    )
+    print(f"saved {out} after {train_time:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

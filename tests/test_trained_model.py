@@ -1,0 +1,110 @@
+"""Decoding modes on a trained LLaDA: parallel decoding keeps its answers.
+
+``tests/fixtures/trained-sorter`` is a tiny LLaDA trained with LLaDA's SFT
+objective to sort 6 to 8 digits (``benchmarks/train_tiny_llada.py``); its
+held-out problems and their answers are in ``evaluation.json``. A random
+model cannot tell a good decoding rule from a bad one; this one can.
+"""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from mlx_lm_llada import diffusion_generate
+
+TRAINED = FIXTURES / "trained-sorter"
+N = 32  # held-out problems, one batch
+CANVAS, BLOCK = 16, 8  # the trained answer length; the checkpoint's block
+
+
+@pytest.fixture(scope="module")
+def trained():
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(TRAINED))
+    with open(TRAINED / "evaluation.json") as f:
+        heldout = json.load(f)["heldout"][:N]
+    return model, tokenizer, heldout
+
+
+def _batch(tokenizer, questions):
+    encs = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    P = max(map(len, encs))
+    prompt = np.full((len(encs), P), tokenizer.eos_token_id, dtype=np.int32)
+    mask = np.zeros((len(encs), P), dtype=np.int32)
+    for i, e in enumerate(encs):
+        prompt[i, P - len(e) :] = e
+        mask[i, P - len(e) :] = 1
+    return mx.array(prompt), mx.array(mask)
+
+
+def _correct(model, tokenizer, heldout, **kwargs):
+    prompt, mask = _batch(tokenizer, [q for q, _ in heldout])
+    out, nfe = diffusion_generate(
+        model, prompt, attention_mask=mask, gen_length=CANVAS, **kwargs
+    )
+    ends = set(model.diffusion.end_token_ids)
+    right = 0
+    for row, (_, answer) in zip(np.array(out)[:, prompt.shape[1] :], heldout):
+        row = row.tolist()
+        cut = next((i for i, t in enumerate(row) if t in ends), len(row))
+        right += tokenizer.decode(row[:cut]).strip() == answer
+    return right, nfe
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """Correct answers and model calls of LLaDA's schedule (one token a step)."""
+    model, tokenizer, heldout = trained
+    return _correct(model, tokenizer, heldout, steps=CANVAS, block_length=BLOCK)
+
+
+FAST = {
+    "threshold 0.9 + dual cache": dict(threshold=0.9, cache="dual"),
+    # Several calls per block: the cached keys and values serve.
+    "threshold 0.999 + dual cache": dict(threshold=0.999, cache="dual"),
+}
+
+
+@pytest.mark.parametrize("settings", FAST.values(), ids=FAST.keys())
+def test_parallel_decoding_keeps_reference_accuracy(trained, reference, settings):
+    model, tokenizer, heldout = trained
+    ref, ref_nfe = reference
+    fast, fast_nfe = _correct(
+        model, tokenizer, heldout, steps=CANVAS, block_length=BLOCK, **settings
+    )
+    assert ref >= 0.9 * N, f"reference schedule: {ref}/{N}"
+    assert ref_nfe == CANVAS
+    assert fast >= ref - 1, f"{settings}: {fast}/{N}, reference {ref}/{N}"
+    assert fast_nfe < ref_nfe, f"{settings}: {fast_nfe} model calls"
+
+
+def test_dual_cache_keeps_reference_accuracy(trained, reference):
+    # The reference schedule, with all but a block's first call on the cache.
+    model, tokenizer, heldout = trained
+    ref, _ = reference
+    cached, nfe = _correct(
+        model, tokenizer, heldout, steps=CANVAS, block_length=BLOCK, cache="dual"
+    )
+    assert cached >= ref - 1, f"dual cache {cached}/{N}, reference {ref}/{N}"
+    assert nfe == CANVAS
+
+
+def test_mlx_lm_generate_answers(trained):
+    import mlx_lm
+
+    model, tokenizer, heldout = trained
+    question, answer = heldout[0]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
+    text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=CANVAS)
+    assert text.strip() == answer
