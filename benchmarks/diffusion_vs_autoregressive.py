@@ -339,6 +339,47 @@ def run_trained(path, problems, gen_length, block_length, dtype):
     return g, rows
 
 
+def run_early_stop(path, gen_length, block_length, prompt_text="hello"):
+    """A short answer in a long canvas, with and without early stop."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(path))
+    prompt = mx.array(
+        [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt_text}], add_generation_prompt=True
+            )
+        ]
+    )
+    rows = []
+    for early_stop in (False, True):
+        for mode, kwargs in MODES.items():
+            tic = time.perf_counter()
+            canvas, nfe = diffusion_generate(
+                model,
+                prompt,
+                steps=gen_length,
+                gen_length=gen_length,
+                block_length=block_length,
+                early_stop=early_stop,
+                **kwargs,
+            )
+            seconds = time.perf_counter() - tic
+            n = tokens_before_end(
+                canvas, prompt.shape[1], model.diffusion.end_token_ids
+            )
+            rows.append(
+                dict(
+                    mode=mode + (" + early stop" if early_stop else ", whole canvas"),
+                    answer_tokens=n,
+                    nfe=nfe,
+                    seconds=seconds,
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def generate_step_tokens(model, prompt, n):
     from mlx_lm.generate import generate_step
 
@@ -350,6 +391,7 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
     axes = np.atleast_1d(axes)
@@ -360,6 +402,7 @@ def plot(results, path):
         colors = ["#888" if "autoregressive" in n else "#2a7" for n in names]
         ax.barh(names, tps, color=colors)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
         ax.set_xlabel("generated tokens per second (log)")
         ax.set_title(result["title"], fontsize=10)
@@ -376,6 +419,11 @@ def main():
         "--model", type=Path, help="a trained checkpoint instead of a geometry"
     )
     parser.add_argument("--problems", type=int, default=20, help="with --model")
+    parser.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="with --model: a short answer in the canvas, early stop on and off",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--bits", type=int, default=0, help="quantize (4 or 8)")
     parser.add_argument("--prompt-length", type=int, default=300)
@@ -403,6 +451,10 @@ def main():
 
     mx.random.seed(0)
     dtype = getattr(mx, args.dtype)
+    if args.model is not None and args.early_stop:
+        rows = run_early_stop(args.model, args.gen_length, args.block_length)
+        args.out.write_text(json.dumps(dict(early_stop=rows), indent=2))
+        return
     if args.model is not None:
         g, rows = run_trained(
             args.model, args.problems, args.gen_length, args.block_length, dtype
