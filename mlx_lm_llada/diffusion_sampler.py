@@ -573,15 +573,24 @@ def resolve_settings(
     check_setting_names(overrides, "the call")
     values.update(overrides)
     if values.get("reference"):
-        fast = {"threshold": None, "factor": None, "cache": "none"}
-        clash = [k for k, off in fast.items() if overrides.get(k, off) != off]
-        if clash:
-            raise ValueError(
-                f"reference=True is the exact reference schedule: it cannot be "
-                f"combined with {', '.join(clash)}"
-            )
-        values.update(fast)
+        check_reference(overrides)
+        values.update(_REFERENCE)
     return DiffusionSettings(**values)
+
+
+_REFERENCE = {"threshold": None, "factor": None, "cache": "none"}
+
+
+def check_reference(given: Dict[str, Any]):
+    """Refuse ``reference=True`` given together with a fast setting."""
+    if not given.get("reference"):
+        return
+    clash = [k for k, off in _REFERENCE.items() if given.get(k, off) != off]
+    if clash:
+        raise ValueError(
+            f"reference=True is the exact reference schedule: it cannot be "
+            f"combined with {', '.join(clash)}"
+        )
 
 
 def stream_diffusion(

@@ -9,7 +9,12 @@ merges these under the call's, see ``mlx_lm_patches.patch_generate``).
 import os
 from typing import Any, Dict
 
-from .diffusion_sampler import DiffusionSettings, check_setting_names, parse_setting
+from .diffusion_sampler import (
+    DiffusionSettings,
+    check_reference,
+    check_setting_names,
+    parse_setting,
+)
 
 ENV_PREFIX = "MLX_LM_LLADA_"
 _ENV_RESERVED = {"MLX_LM_LLADA_DISABLE"}
@@ -41,6 +46,7 @@ def set_command_settings(**settings):
     }
     check_setting_names(settings, "the command's flags")
     DiffusionSettings(**settings).check_values()  # fail now, not mid-run
+    check_reference(settings)
     _command_settings.clear()
     _command_settings.update(settings)
 

@@ -101,9 +101,12 @@ def assert_no_special_text(transcript):
 
 
 def test_two_turns_reset_and_quit():
-    # The golden chat case (LLaDA's chat.py rules), typed into the terminal.
+    # The golden chat case (LLaDA's chat.py rules, the reference schedule),
+    # typed into the terminal.
     params = CHAT["params"]
-    settings = dict(steps=params["steps"], block_length=params["block_length"])
+    settings = dict(
+        steps=params["steps"], block_length=params["block_length"], reference=True
+    )
     max_tokens = str(params["gen_length"])
     child = spawn(GOLDEN / CHAT["model"], "--max-tokens", max_tokens, settings=settings)
     transcript = child.before

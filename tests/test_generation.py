@@ -112,6 +112,7 @@ def test_golden_chat_through_mlx_lm(case):
             prefill_step_size=2048,
             steps=params["steps"],
             block_length=params["block_length"],
+            reference=True,
         )
         context = turn["context_ids"][0]
         canvas = steps[0][0]
@@ -132,7 +133,7 @@ def test_chat_context_after_an_end_token(first, end, settings):
     # chat.py's rules: later turns drop their BOS; the answer is kept up to
     # and including <|eot_id|>, without <|endoftext|>.
     model, tokenizer = load_golden("tiny-eos")
-    kwargs = dict(max_tokens=32, block_length=32, **settings)
+    kwargs = dict(max_tokens=32, block_length=32, reference=True, **settings)
     prompt_cache = make_prompt_cache(model)
     t1 = chat_prompt(tokenizer, first)
     r1, s1, _ = run_stream(model, tokenizer, t1, prompt_cache=prompt_cache, **kwargs)
@@ -162,9 +163,10 @@ def test_stream_order_text_and_metadata():
     model, tokenizer = load_golden("tiny-mha")
     prompt = chat_prompt(tokenizer, "hello")
     P = len(prompt)
-    # 20 is not a multiple of the block: the canvas is 24, steps default to 24.
+    # 20 is not a multiple of the block: the canvas is 24, and the reference
+    # schedule's steps default to 24.
     responses, steps, arrived = run_stream(
-        model, tokenizer, prompt, max_tokens=20, block_length=8
+        model, tokenizer, prompt, max_tokens=20, block_length=8, reference=True
     )
     tokens = [r.token for r in responses]
     assert len(tokens) == 20
@@ -173,7 +175,9 @@ def test_stream_order_text_and_metadata():
     assert len(steps[0][0]) == P + 24
 
     text = "".join(r.text for r in responses)
-    assert text == generate(model, tokenizer, prompt, max_tokens=20, block_length=8)
+    assert text == generate(
+        model, tokenizer, prompt, max_tokens=20, block_length=8, reference=True
+    )
     assert text == tokenizer.decode(tokens)
 
     assert [r.finish_reason for r in responses] == [None] * 19 + ["length"]
@@ -206,7 +210,12 @@ def test_stream_stops_at_eos(text, template, block_length):
     model, tokenizer = load_golden("tiny-eos")
     prompt = chat_prompt(tokenizer, text) if template else tokenizer.encode(text)
     responses, steps, _ = run_stream(
-        model, tokenizer, prompt, max_tokens=32, block_length=block_length
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=32,
+        block_length=block_length,
+        reference=True,
     )
     tokens = [r.token for r in responses]
     expected, _ = reference(
@@ -236,7 +245,7 @@ def test_stream_stops_at_eot():
     assert {EOS, EOT} <= set(tokenizer.eos_token_ids)
     prompt = chat_prompt(tokenizer, "hello")
     responses, _, _ = run_stream(
-        model, tokenizer, prompt, max_tokens=32, logits_eos_inf=True
+        model, tokenizer, prompt, max_tokens=32, logits_eos_inf=True, reference=True
     )
     tokens = [r.token for r in responses]
     expected, _ = reference(
@@ -260,7 +269,12 @@ def test_generate_step_returns_after_an_end_token(settings):
     out = [
         (t, lp)
         for t, lp in generate_step(
-            mx.array(prompt), model, max_tokens=32, block_length=32, **settings
+            mx.array(prompt),
+            model,
+            max_tokens=32,
+            block_length=32,
+            reference=True,
+            **settings,
         )
     ]
     tokens = [t for t, _ in out]
@@ -272,19 +286,88 @@ def test_generate_step_returns_after_an_end_token(settings):
 
 
 def test_default_settings_of_unchanged_commands():
-    # No settings at all: blocks of 32, one step per canvas token.
-    for name in ("tiny-mha", "tiny-eos"):
+    # No settings at all: blocks of 32, Fast-dLLM's dual cache and threshold
+    # 0.9; the answer ends at its first end token.
+    for name in ("tiny-mha", "tiny-eos", "tiny-sharp"):
         model, tokenizer = load_golden(name)
         prompt = chat_prompt(tokenizer, "Tell me a story")
         responses, steps, _ = run_stream(model, tokenizer, prompt, max_tokens=64)
         expected, nfe = reference(
-            model, prompt, steps=64, gen_length=64, block_length=32, early_stop=True
+            model,
+            prompt,
+            steps=64,
+            gen_length=64,
+            block_length=32,
+            cache="dual",
+            threshold=0.9,
+            early_stop=True,
         )
         assert [r.token for r in responses] == expected
         assert len(steps[0][0]) == len(prompt) + 64
         assert steps[-1][1] == nfe
-        if name == "tiny-mha":
+        if name == "tiny-mha":  # never 0.9 sure: one token per call
             assert len(expected) == 64 and nfe == 64
+        elif name == "tiny-sharp":  # sure enough to commit several per call
+            assert len(expected) == 64 and nfe < 64
+        else:  # an answer that is just <|endoftext|>
+            assert expected == [EOS] and nfe < 64
+
+
+def test_reference_setting_gives_the_reference_schedule(monkeypatch):
+    # reference=True: one step per canvas token, blocks of 32, no cache, no
+    # threshold, whatever the model's defaults say.
+    for name in ("tiny-mha", "tiny-eos", "tiny-sharp"):
+        model, tokenizer = load_golden(name)
+        prompt = chat_prompt(tokenizer, "Tell me a story")
+        responses, steps, _ = run_stream(
+            model, tokenizer, prompt, max_tokens=64, reference=True
+        )
+        ref = dict(steps=64, gen_length=64, block_length=32, cache="none")
+        expected, full_nfe = reference(model, prompt, **ref)
+        stopped, nfe = reference(model, prompt, early_stop=True, **ref)
+        assert stopped == expected
+        assert [r.token for r in responses] == expected
+        assert len(steps[0][0]) == len(prompt) + 64
+        assert steps[-1][1] == nfe
+        if name == "tiny-eos":
+            assert expected == [EOS] and nfe < full_nfe == 64
+        else:  # one token per call, in both blocks
+            assert len(expected) == 64 and nfe == 64
+
+    # It is the exact schedule: a cache or a parallel rule in the same call
+    # (or from outside it) is a contradiction, named.
+    model, tokenizer = load_golden("tiny-mha")
+    for clash, name in (
+        (dict(cache="dual"), "cache"),
+        (dict(cache="prefix"), "cache"),
+        (dict(threshold=0.5), "threshold"),
+        (dict(factor=1.0), "factor"),
+    ):
+        with pytest.raises(ValueError, match=f"reference=True.*combined with {name}"):
+            list(
+                stream_generate(
+                    model, tokenizer, [BOS, 65], max_tokens=8, reference=True, **clash
+                )
+            )
+    monkeypatch.setenv("MLX_LM_LLADA_REFERENCE", "1")
+    with pytest.raises(ValueError, match="reference=True.*combined with cache"):
+        list(stream_generate(model, tokenizer, [BOS, 65], max_tokens=8, cache="dual"))
+    # Turning them off in the call, under MLX_LM_LLADA_REFERENCE=1, is none.
+    tokens = [
+        r.token
+        for r in stream_generate(
+            model,
+            tokenizer,
+            [BOS, 65],
+            max_tokens=8,
+            block_length=8,
+            cache="none",
+            threshold=None,
+            factor=None,
+        )
+    ]
+    expected, _ = reference(model, [BOS, 65], steps=8, gen_length=8, block_length=8)
+    assert tokens == expected
 
 
 # 5. Temperature.
@@ -426,7 +509,14 @@ def test_impossible_settings(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_tokens=32, block_length=8, steps=2), r"steps \(2\) is smaller"),
+        (
+            dict(max_tokens=32, block_length=8, steps=2, reference=True),
+            r"steps \(2\) is smaller",
+        ),
+        (
+            dict(max_tokens=32, block_length=16, steps=3, threshold=None),
+            r"steps \(3\) must be a multiple of the number of blocks",
+        ),
         (dict(max_tokens=8, block_length=0), "block_length must be positive"),
         (dict(max_tokens=8, cache="bogus"), "cache must be"),
         (dict(max_tokens=-1), "max_tokens must be positive"),
@@ -510,8 +600,14 @@ def nfe_and_tokens(model, tokenizer, prompt, **kwargs):
 def test_environment_settings(monkeypatch):
     model, tokenizer = load_golden("tiny-mha")
     prompt = chat_prompt(tokenizer, "hello")
-    default = nfe_and_tokens(model, tokenizer, prompt, max_tokens=16)
-    assert default[0] == 32  # one block of 32, 32 steps
+    # The reference schedule, asked for by the environment: one block of 32,
+    # 32 steps.
+    monkeypatch.setenv("MLX_LM_LLADA_REFERENCE", "1")
+    expected, _ = reference(model, prompt, steps=32, gen_length=32, block_length=32)
+    assert nfe_and_tokens(model, tokenizer, prompt, max_tokens=16) == (
+        32,
+        expected[:16],
+    )
 
     monkeypatch.setenv("MLX_LM_LLADA_BLOCK_LENGTH", "8")
     monkeypatch.setenv("MLX_LM_LLADA_STEPS", "8")
@@ -536,6 +632,7 @@ def test_environment_threshold(monkeypatch):
     prompt = chat_prompt(tokenizer, "hello")
     monkeypatch.setenv("MLX_LM_LLADA_THRESHOLD", "0.5")
     monkeypatch.setenv("MLX_LM_LLADA_BLOCK_LENGTH", "16")
+    # The model's default cache (dual) stays in force.
     expected, ref_nfe = reference(
         model,
         prompt,
@@ -543,18 +640,48 @@ def test_environment_threshold(monkeypatch):
         gen_length=32,
         block_length=16,
         threshold=0.5,
+        cache="dual",
         early_stop=True,
     )
     nfe, tokens = nfe_and_tokens(model, tokenizer, prompt, max_tokens=32)
     assert (nfe, tokens) == (ref_nfe, expected)
     assert nfe < 32  # several tokens per step
+
+    # "none" turns the model's default threshold off: the steps count again.
+    monkeypatch.setenv("MLX_LM_LLADA_THRESHOLD", "none")
+    expected, ref_nfe = reference(
+        model,
+        prompt,
+        steps=32,
+        gen_length=32,
+        block_length=16,
+        cache="dual",
+        early_stop=True,
+    )
+    nfe, tokens = nfe_and_tokens(model, tokenizer, prompt, max_tokens=32)
+    assert (nfe, tokens) == (ref_nfe, expected) and nfe == 32
+    monkeypatch.setenv("MLX_LM_LLADA_STEPS", "8")
+    assert nfe_and_tokens(model, tokenizer, prompt, max_tokens=32)[0] == 8
+
+    # The reference schedule, one step per canvas token.
     monkeypatch.delenv("MLX_LM_LLADA_THRESHOLD")
-    assert nfe_and_tokens(model, tokenizer, prompt, max_tokens=32)[0] == 32
+    monkeypatch.delenv("MLX_LM_LLADA_STEPS")
+    monkeypatch.setenv("MLX_LM_LLADA_REFERENCE", "1")
+    expected, _ = reference(model, prompt, steps=32, gen_length=32, block_length=16)
+    assert nfe_and_tokens(model, tokenizer, prompt, max_tokens=32) == (32, expected)
+    # ... which a threshold from the environment contradicts.
+    monkeypatch.setenv("MLX_LM_LLADA_THRESHOLD", "0.5")
+    with pytest.raises(ValueError, match="reference=True.*combined with threshold"):
+        nfe_and_tokens(model, tokenizer, prompt, max_tokens=32)
 
 
 def test_generation_config_defaults(tmp_path, monkeypatch):
+    # The checkpoint asks for the reference schedule, in blocks of 8, 8 steps.
     model, tokenizer = model_copy(
-        tmp_path, generation_config={"diffusion": {"block_length": 8, "steps": 8}}
+        tmp_path,
+        generation_config={
+            "diffusion": {"block_length": 8, "steps": 8, "reference": True}
+        },
     )
     prompt = chat_prompt(tokenizer, "hello")
     expected, _ = reference(model, prompt, steps=8, gen_length=16, block_length=8)

@@ -110,6 +110,35 @@ def test_our_generate_with_diffusion_flags():
     assert "Generation: 16 tokens" in out.stdout
 
 
+def test_our_generate_with_the_reference_flag():
+    args = ["--model", MODEL, "--prompt", "hello", "--max-tokens", "16"]
+    out = run("mlx_lm_llada.generate", *args, "--reference")
+    assert out.returncode == 0, out.stderr
+    text = printed_text(out.stdout)
+    assert text
+    assert text == expected_text("hello", max_tokens=16, reference=True)
+    assert "Generation: 16 tokens" in out.stdout
+
+
+def test_our_generate_refuses_reference_with_a_cache():
+    # The exact schedule with a cache is a contradiction, named.
+    args = ["--model", MODEL, "--prompt", "hi", "--reference", "--cache", "dual"]
+    out = run("mlx_lm_llada.generate", *args)
+    assert out.returncode != 0
+    assert "reference=True" in out.stderr
+    assert "cannot be combined with cache" in out.stderr
+
+
+def test_our_generate_refuses_reference_with_a_cache_before_generating():
+    # As for any other bad flag (test_our_generate_refuses_a_bad_flag).
+    args = ["--model", MODEL, "--prompt", "hi", "--reference", "--cache", "dual"]
+    out = run("mlx_lm_llada.generate", *args)
+    assert out.returncode != 0
+    assert "cannot be combined with cache" in out.stderr
+    assert "==========" not in out.stdout  # refused before generating
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
@@ -144,11 +173,12 @@ def test_chat_two_turns(how):
     env = {}
     if how == "mlx_lm.chat":
         env = {
+            "MLX_LM_LLADA_REFERENCE": "1",
             "MLX_LM_LLADA_STEPS": str(params["steps"]),
             "MLX_LM_LLADA_BLOCK_LENGTH": str(params["block_length"]),
         }
     else:
-        args += ["--steps", str(params["steps"])]
+        args += ["--reference", "--steps", str(params["steps"])]
         args += ["--block-length", str(params["block_length"])]
     stdin = "".join(t["user"] + "\n" for t in turns) + "q\n"
     out = run(how, *args, stdin=stdin, env=env)

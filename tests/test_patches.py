@@ -154,6 +154,7 @@ for turn in case["turns"]:
         prompt_cache=cache,
         steps=params["steps"],
         block_length=params["block_length"],
+        reference=True,
     )
     tokens = [r.token for r in responses]
     turns.append(tokens == turn["output_ids"][0][len(turn["context_ids"][0]) :])

@@ -235,11 +235,13 @@ def test_stop_strings(client):
     _, tokenizer = load_golden(MODEL_NAME)
     expected = fresh(chat_ids(user(QUESTION)))
     tokens = [r.token for r in expected]
-    # A token that first appears a few tokens in, and is its own encoding.
+    # A token that first appears a few tokens in, after some text, and is its
+    # own encoding.
     k = next(
         i
         for i in range(2, len(tokens))
         if tokens[i] not in tokens[:i]
+        and "".join(x.text for x in expected[:i])
         and tokenizer.encode(expected[i].text, add_special_tokens=False) == [tokens[i]]
     )
     stop = expected[k].text
@@ -290,11 +292,12 @@ def test_diffusion_settings_in_the_request(client):
 
 def test_concurrent_clients_get_their_own_answers(client):
     bad = dict(extra_body={"diffusion": {"stepz": 4}})
+    own_schedule = {"steps": 4, "reference": True}  # steps count without threshold
     requests = [
         ("chat", user("hello"), {}),
         ("chat", user("Tell me a story."), {"max_tokens": 8, "stream": True}),
         ("text", "Once upon a time", {"max_tokens": 12}),
-        ("chat", user(QUESTION), {"extra_body": {"diffusion": {"steps": 4}}}),
+        ("chat", user(QUESTION), {"extra_body": {"diffusion": own_schedule}}),
         ("chat", user("What is the capital of France?"), bad),
         ("text", "The sky is", {"stream": True}),
     ]
@@ -353,7 +356,22 @@ LONG_PROMPT = "hello " * 5000  # more tokens than max_sequence_length (4096)
         (dict(extra_body={"diffusion": {"steps": "8"}}), 400, "steps must be"),
         (dict(extra_body={"diffusion": [8]}), 400, "must be an object of settings"),
         # Checked by the sampler itself, once the canvas is known.
-        (dict(extra_body={"diffusion": {"steps": 3}}), 400, "multiple of"),
+        # (With a threshold, the model's default, steps are unused.)
+        (
+            dict(extra_body={"diffusion": {"steps": 3, "reference": True}}),
+            400,
+            "multiple of",
+        ),
+        (
+            dict(extra_body={"diffusion": {"steps": 3, "threshold": None}}),
+            400,
+            "multiple of",
+        ),
+        (
+            dict(extra_body={"diffusion": {"reference": True, "cache": "dual"}}),
+            400,
+            "cannot be combined with cache",
+        ),
         (dict(frequency_penalty=0.5), 400, "not supported by the diffusion"),
     ],
     ids=[
@@ -366,6 +384,8 @@ LONG_PROMPT = "hello " * 5000  # more tokens than max_sequence_length (4096)
         "setting-type",
         "settings-not-object",
         "steps-not-multiple",
+        "steps-not-multiple-no-threshold",
+        "reference-with-cache",
         "penalty",
     ],
 )
@@ -433,4 +453,6 @@ def test_readme_examples(server, capsys):
         assert json.loads(out)["choices"][0]["message"]["content"] == expected
 
     exec(python.replace("8080", port), {})
-    assert capsys.readouterr().out == answer_text(fresh(prompt, steps=4)) + "\n"
+    assert capsys.readouterr().out == (
+        answer_text(fresh(prompt, reference=True, steps=4)) + "\n"
+    )

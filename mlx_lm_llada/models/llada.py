@@ -15,8 +15,14 @@ from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 
 from mlx_lm_llada.diffusion_sampler import ContextCache, DiffusionSpec, stream_diffusion
 
-# LLaDA's published Instruct setting (steps default to the canvas length).
-DEFAULT_GENERATION = {"block_length": 32, "remasking": "low_confidence"}
+# LLaDA's published Instruct blocks, decoded the Fast-dLLM way (dual cache,
+# threshold 0.9); reference=True gives the exact reference schedule.
+DEFAULT_GENERATION = {
+    "block_length": 32,
+    "remasking": "low_confidence",
+    "cache": "dual",
+    "threshold": 0.9,
+}
 
 # Special-token ids that LLaDA's config lacks, read from its tokenizer.
 CONFIG_TOKENS = {"bos_token_id": "<|startoftext|>", "eot_token_id": "<|eot_id|>"}

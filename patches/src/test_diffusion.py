@@ -150,7 +150,12 @@ class TestDiffusion(unittest.TestCase):
             self.model, self.prompt, steps=16, gen_length=16, block_length=8
         )
         stream = generate_step(
-            self.prompt[0], self.model, max_tokens=10, steps=16, block_length=8
+            self.prompt[0],
+            self.model,
+            max_tokens=10,
+            steps=16,
+            block_length=8,
+            reference=True,
         )
         self.assertEqual([t for t, _ in stream], np.array(tokens)[0, 5:15].tolist())
 
