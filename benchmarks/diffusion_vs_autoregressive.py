@@ -198,7 +198,7 @@ def step_costs(model, llama, prompt, gen_length, block_length):
             c.offset = P
         mx.eval(model(x[:, P:], cache=caches, logits_positions=block))
 
-    def dual(head=True):
+    def dual():
         for c in caches:
             c.offset = P
         out = model(x[:, P : P + block_length], cache=caches, logits_positions=block)
@@ -215,8 +215,6 @@ def step_costs(model, llama, prompt, gen_length, block_length):
 
     ar_cache = make_prompt_cache(llama)
     mx.eval(llama(prompt[:, :-1], cache=ar_cache))
-    ar_cache_block = make_prompt_cache(llama)
-    mx.eval(llama(x[:, :P], cache=ar_cache_block))
 
     def ar_step():
         for c in ar_cache:

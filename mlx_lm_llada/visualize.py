@@ -411,7 +411,7 @@ def read_trace(path) -> List[List[dict]]:
 def replay(run: List[dict], upto: Optional[int] = None) -> List[int]:
     """The canvas after the first ``upto`` steps of a run (all by default)."""
     start = run[0]
-    P, mask = start["prompt_length"], start["mask_token_id"]
+    mask = start["mask_token_id"]
     canvas = list(start["prompt"]) + [mask] * start["gen_length"]
     steps = [r for r in run if r["event"] == "step"][:upto]
     for r in steps:

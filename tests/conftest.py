@@ -40,3 +40,16 @@ def load_golden(name):
 
         _MODELS[name] = mlx_lm.load(str(GOLDEN / name))
     return _MODELS[name]
+
+
+@pytest.fixture(autouse=True)
+def clean_settings(monkeypatch):
+    # Settings from the environment or a command line must not leak in.
+    from mlx_lm_llada.plugin_settings import set_command_settings
+
+    for name in list(os.environ):
+        if name.startswith("MLX_LM_LLADA_") and name != "MLX_LM_LLADA_DISABLE":
+            monkeypatch.delenv(name)
+    set_command_settings()
+    yield
+    set_command_settings()

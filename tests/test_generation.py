@@ -3,7 +3,6 @@ tokens, temperature, settings precedence and refusals."""
 
 import gc
 import json
-import os
 import shutil
 
 import mlx.core as mx
@@ -21,17 +20,6 @@ from mlx_lm_llada.plugin_settings import set_command_settings
 CHAT = golden_cases("chat")
 BOS, EOS, MASK, EOT = 480, 481, 482, 485  # cases.json special_token_ids
 END_TEXTS = ("<|endoftext|>", "<|eot_id|>")
-
-
-@pytest.fixture(autouse=True)
-def clean_settings(monkeypatch):
-    # Settings from the environment or a command line must not leak in.
-    for name in list(os.environ):
-        if name.startswith("MLX_LM_LLADA_") and name != "MLX_LM_LLADA_DISABLE":
-            monkeypatch.delenv(name)
-    set_command_settings()
-    yield
-    set_command_settings()
 
 
 def test_special_ids(golden_special_ids):

@@ -18,7 +18,6 @@ import pytest
 from conftest import GOLDEN, load_golden
 
 from mlx_lm_llada import diffusion_generate
-from mlx_lm_llada.plugin_settings import set_command_settings
 from mlx_lm_llada.visualize import (
     MASK_GLYPH,
     SHOW_CURSOR,
@@ -41,16 +40,6 @@ CHROMIUM = next(
     filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
     None,
 )
-
-
-@pytest.fixture(autouse=True)
-def clean_settings(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("MLX_LM_LLADA_") and name != "MLX_LM_LLADA_DISABLE":
-            monkeypatch.delenv(name)
-    set_command_settings()
-    yield
-    set_command_settings()
 
 
 def command(name):
