@@ -176,7 +176,7 @@ def time_call(fn, repeat=3):
     return best
 
 
-def step_costs(model, llama, prompt, gen_length, block_length):
+def step_costs(model, llama, prompt, gen_length, block_length, repeat=3):
     """Seconds for one call of each kind, at the first block of the canvas."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -222,11 +222,11 @@ def step_costs(model, llama, prompt, gen_length, block_length):
         mx.eval(llama(prompt[:, -1:], cache=ar_cache))
 
     costs = {
-        "full pass": time_call(full),
-        "prefix step": time_call(prefix),
-        "dual step": time_call(dual),
-        "dual step, no output head": time_call(dual_no_head),
-        "autoregressive step": time_call(ar_step),
+        "full pass": time_call(full, repeat),
+        "prefix step": time_call(prefix, repeat),
+        "dual step": time_call(dual, repeat),
+        "dual step, no output head": time_call(dual_no_head, repeat),
+        "autoregressive step": time_call(ar_step, repeat),
     }
     costs["dual / full"] = costs["dual step"] / costs["full pass"]
     costs["canvas tokens"] = T
@@ -391,7 +391,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
+    fig, axes = plt.subplots(len(results), 1, figsize=(8, 3.3 * len(results)))
     axes = np.atleast_1d(axes)
     for ax, result in zip(axes, results):
         rows = result["rows"]
@@ -433,6 +433,15 @@ def main():
         default=1,
         help="blocks of the canvas to decode per mode (each block costs alike)",
     )
+    parser.add_argument(
+        "--step-costs-only",
+        action="store_true",
+        help="a geometry's one-call costs only, not its decoding modes (for "
+        "4-bit on a CPU, where a full pass takes minutes)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed calls per step cost (best)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmark-results.json"))
     parser.add_argument(
         "--plot",
@@ -465,7 +474,7 @@ def main():
         llama = llama_model(g, dtype, args.bits)
         prompt = mx.random.randint(0, g["vocab"] - 256, (1, args.prompt_length))
         rows = []
-        for mode in MODES:
+        for mode in [] if args.step_costs_only else MODES:
             rows.append(
                 run_diffusion(
                     model,
@@ -478,9 +487,12 @@ def main():
                 )
             )
             print(json.dumps(rows[-1]), flush=True)
-        rows.append(run_autoregressive(llama, prompt, rows[0]["tokens"]))
-        print(json.dumps(rows[-1]), flush=True)
-        costs = step_costs(model, llama, prompt, args.gen_length, args.block_length)
+        if rows:
+            rows.append(run_autoregressive(llama, prompt, rows[0]["tokens"]))
+            print(json.dumps(rows[-1]), flush=True)
+        costs = step_costs(
+            model, llama, prompt, args.gen_length, args.block_length, args.repeat
+        )
         print(json.dumps(costs), flush=True)
         bits = f"{args.bits}-bit" if args.bits else args.dtype
         title = f"{args.geometry} (random weights), {bits}, canvas {args.gen_length}"

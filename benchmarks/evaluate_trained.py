@@ -6,8 +6,10 @@ Loads the checkpoint that ``train_tiny_llada.py`` wrote (through
 ``mlx_lm.load``, as a user would), takes its fixed held-out problems (never
 trained on), and decodes them with ``diffusion_generate`` in each mode: the
 reference schedule (one token per step), Fast-dLLM's threshold and factor
-rules, the prefix and dual caches, and early stop. The problems run as one
-left-padded batch with an attention mask.
+rules, the prefix and dual caches, and early stop, at each canvas of
+``--canvases`` (by default the shortest and the longest the model was trained
+on; on a canvas longer than 64 tokens every mode stops early, which leaves
+its answers unchanged). The problems run as one left-padded batch with an attention mask.
 
 Model calls (NFE) are counted per problem: a call counts for a problem when
 it commits at least one of its tokens (until its early stop, if on). That is
@@ -37,25 +39,25 @@ from train_tiny_llada import heldout_problems, make_task  # noqa: E402
 
 from mlx_lm_llada import diffusion_generate  # noqa: E402
 
+# A long canvas is mostly end padding. Beyond this length every mode stops
+# early: a token before the first end token is final once committed, so the
+# answer is the same, and the padding after it is not computed.
+LONG_CANVAS = 64
+
 
 def modes(gen_length, block_length):
     """(name, diffusion_generate keyword arguments) for each decoding mode."""
     ref = dict(steps=gen_length, gen_length=gen_length)
     b, one = dict(block_length=block_length), dict(block_length=gen_length)
+    dual9 = {**ref, **b, "threshold": 0.9, "cache": "dual"}
     out = [
-        (f"reference (block {gen_length})", {**ref, **one}),
         (f"reference (block {block_length})", {**ref, **b}),
-        (f"threshold 0.9 (block {gen_length})", {**ref, **one, "threshold": 0.9}),
         ("threshold 0.9", {**ref, **b, "threshold": 0.9}),
         (
             "threshold 0.9 + prefix cache",
             {**ref, **b, "threshold": 0.9, "cache": "prefix"},
         ),
-        ("threshold 0.9 + dual cache", {**ref, **b, "threshold": 0.9, "cache": "dual"}),
-        (
-            "threshold 0.9 + dual cache + early stop",
-            {**ref, **b, "threshold": 0.9, "cache": "dual", "early_stop": True},
-        ),
+        ("threshold 0.9 + dual cache", dual9),
         ("prefix cache (reference steps)", {**ref, **b, "cache": "prefix"}),
         ("dual cache (reference steps)", {**ref, **b, "cache": "dual"}),
         ("factor 1.0 + dual cache", {**ref, **b, "factor": 1.0, "cache": "dual"}),
@@ -70,6 +72,18 @@ def modes(gen_length, block_length):
             {**ref, **b, "threshold": 0.999, "cache": "dual"},
         ),
     ]
+    if gen_length > LONG_CANVAS:
+        out = [(f"{n} + early stop", {**kw, "early_stop": True}) for n, kw in out]
+        out.append(("threshold 0.9 + dual cache, whole canvas", dual9))
+    else:
+        out = [
+            (f"reference (block {gen_length})", {**ref, **one}),
+            *out[:1],
+            (f"threshold 0.9 (block {gen_length})", {**ref, **one, "threshold": 0.9}),
+            *out[1:4],
+            ("threshold 0.9 + dual cache + early stop", {**dual9, "early_stop": True}),
+            *out[4:],
+        ]
     unique, seen = [], set()
     for name, kwargs in out:  # the same settings once (block == canvas)
         key = json.dumps(kwargs, sort_keys=True)
@@ -209,34 +223,61 @@ def mlx_lm_generate_check(model, tokenizer, task, problems, max_tokens):
     return right
 
 
-def markdown(info, rows, generate_row):
+def markdown(info, tables, generate_row):
     lines = [
         f"# {info['name']}: evaluation",
         "",
         f"Task: {info['task']}. Held-out set: {info['problems']} problems "
-        f"(seed {info['heldout_seed']}), never seen in training. Canvas: "
-        f"{info['gen_length']} tokens (the answer, `<|eot_id|>`, `<|endoftext|>` "
-        f"padding); greedy (temperature 0); block length {info['block_length']} "
-        "unless the mode says otherwise. One left-padded batch with an "
-        "attention mask.",
+        f"(seed {info['heldout_seed']}), never seen in training. Canvas: the "
+        "answer, `<|eot_id|>`, then `<|endoftext|>` padding; greedy "
+        "(temperature 0). One left-padded batch with an attention mask.",
         "",
-        f"Model: {info['model']}. Training: {info['training']}.",
+        f"Model: {info['model']}. Training: {info['training']}",
         "",
         "NFE = model calls per problem (calls that commit at least one of its "
         "tokens: what the problem needs alone). Tokens per call = canvas "
         "length / mean NFE (the padding included); answer tokens per call = "
         "(answer + `<|eot_id|>` tokens) / NFE. Batch NFE = calls made for the "
-        "whole batch (its slowest row).",
+        "whole batch (its slowest row). With early stop the padding after the "
+        "end token is filled without a call, and tokens per call counts it "
+        "too. Seconds: the whole batch, on this CPU.",
+        "",
+    ]
+    for table in tables:
+        lines += _table(table)
+    if generate_row:
+        lines.append(
+            f"Through `mlx_lm.generate` (the checkpoint's defaults, max_tokens "
+            f"{generate_row['max_tokens']}): {generate_row['correct']}/"
+            f"{generate_row['problems']} correct."
+        )
+        lines.append("")
+    lines.append(
+        f"The model was trained on answer canvases of {info['trained_canvases']} "
+        "tokens; a longer canvas is outside what it learned."
+    )
+    lines.append("")
+    lines.append(f"Reproduce: `{info['command']}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _table(table):
+    rows = table["modes"]
+    lines = [
+        f"## Canvas {table['gen_length']}, block {table['block_length']} "
+        "unless the mode says otherwise",
         "",
         "| mode | accuracy | mean NFE | max NFE | tokens per call "
-        "| answer tokens per call | batch NFE |",
-        "|---|---|---|---|---|---|---|",
+        "| answer tokens per call | batch NFE | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['correct']}/{r['problems']} ({100 * r['accuracy']:.1f}%) "
             f"| {r['mean_nfe']:.2f} | {r['max_nfe']} | {r['tokens_per_call']:.2f} "
-            f"| {r['answer_tokens_per_call']:.2f} | {r['batch_nfe']} |"
+            f"| {r['answer_tokens_per_call']:.2f} | {r['batch_nfe']} "
+            f"| {r['batch_seconds']:.1f} |"
         )
     lines.append("")
     checked = [r for r in rows if "single_checked" in r]
@@ -260,23 +301,25 @@ def markdown(info, rows, generate_row):
             )
         )
         lines.append("")
-    if generate_row:
-        lines.append(
-            f"Through `mlx_lm.generate` (the checkpoint's defaults, max_tokens "
-            f"{generate_row['max_tokens']}): {generate_row['correct']}/"
-            f"{generate_row['problems']} correct."
+    return lines
+
+
+def _span(lengths):
+    return f"{min(lengths)} to {max(lengths)}" if len(lengths) > 1 else str(lengths[0])
+
+
+def _stages(stages):
+    """One sentence per training stage, with its command."""
+    out = []
+    for i, st in enumerate(stages, 1):
+        batches = ", ".join(f"{n}: {b}" for n, b in st["batch_sizes"].items())
+        out.append(
+            f"stage {i}: {st['steps']} steps, answer canvases of "
+            f"{_span(st['answer_lengths'])} tokens (sequences per batch by "
+            f"canvas: {batches}), {st['train_seconds']:.0f} s on this CPU; "
+            f"`{st['command']}`."
         )
-        lines.append("")
-    lines.append(
-        f"The model saw only {info['gen_length']}-token answer canvases in "
-        "training: a longer canvas (mlx-lm's default `max_tokens` is 256) is "
-        "outside what it learned and its answers go wrong. Pass "
-        f"`--max-tokens {info['gen_length']}` (`max_tokens={info['gen_length']}`)."
-    )
-    lines.append("")
-    lines.append(f"Reproduce: `{info['command']}`")
-    lines.append("")
-    return "\n".join(lines)
+    return " ".join(out)
 
 
 def main(argv=None):
@@ -291,6 +334,13 @@ def main(argv=None):
     )
     p.add_argument("--problems", type=int, default=200)
     p.add_argument(
+        "--canvases",
+        nargs="+",
+        default=["16:8", "256:32"],
+        metavar="CANVAS:BLOCK",
+        help="answer canvases to evaluate, each with its block length",
+    )
+    p.add_argument(
         "--check-single",
         type=int,
         default=20,
@@ -301,6 +351,12 @@ def main(argv=None):
         type=int,
         default=20,
         help="problems to answer through mlx_lm.generate (0: skip)",
+    )
+    p.add_argument(
+        "--generate-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens of the mlx_lm.generate check (256: mlx-lm's default)",
     )
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
@@ -313,7 +369,7 @@ def main(argv=None):
     with open(path / "training.json") as f:
         training = json.load(f)
     targs = training["args"]
-    gen_length, block_length = targs["answer_length"], targs["block_length"]
+    canvases = [tuple(int(v) for v in c.split(":")) for c in args.canvases]
     task = make_task(
         targs["task"], targs["max_digits"], targs["min_len"], targs["max_len"]
     )
@@ -321,19 +377,26 @@ def main(argv=None):
     problems = problems[: args.problems]
 
     model, tokenizer = mlx_lm.load(str(path))
-    rows = evaluate(
-        model,
-        tokenizer,
-        task,
-        problems,
-        modes(gen_length, block_length),
-        check_single=args.check_single,
-    )
+    tables = []
+    for gen_length, block_length in canvases:
+        print(f"canvas {gen_length}, block {block_length}", flush=True)
+        rows = evaluate(
+            model,
+            tokenizer,
+            task,
+            problems,
+            modes(gen_length, block_length),
+            check_single=args.check_single,
+        )
+        tables.append(
+            {"gen_length": gen_length, "block_length": block_length, "modes": rows}
+        )
     generate_row = None
     if args.generate_problems:
         n = min(args.generate_problems, len(problems))
-        right = mlx_lm_generate_check(model, tokenizer, task, problems[:n], gen_length)
-        generate_row = {"correct": right, "problems": n, "max_tokens": gen_length}
+        max_tokens = args.generate_max_tokens
+        right = mlx_lm_generate_check(model, tokenizer, task, problems[:n], max_tokens)
+        generate_row = {"correct": right, "problems": n, "max_tokens": max_tokens}
         print(f"mlx_lm.generate: {right}/{n} correct", flush=True)
 
     command = "python benchmarks/evaluate_trained.py " + " ".join(
@@ -344,24 +407,20 @@ def main(argv=None):
         "task": training["task"],
         "problems": len(problems),
         "heldout_seed": targs["heldout_seed"],
-        "gen_length": gen_length,
-        "block_length": block_length,
+        "trained_canvases": _span(training["stages"][-1]["answer_lengths"]),
         "model": (
             f"{training['parameters']:,} parameters (d_model {targs['d_model']}, "
             f"{targs['n_layers']} layers, {targs['n_heads']} heads, MLP "
             f"{targs['mlp_hidden']}, {targs['vocab_rows']} vocabulary rows), float32"
         ),
-        "training": (
-            f"{targs['steps']} steps of {targs['batch_size']} sequences, "
-            f"{training['train_seconds']:.0f} s on this CPU; `{training['command']}`"
-        ),
+        "training": _stages(training["stages"]),
         "command": command.strip(),
     }
     if not args.no_write:
         result = {
             **info,
             "parameters": training["parameters"],
-            "modes": rows,
+            "canvases": tables,
             "mlx_lm_generate": generate_row,
             "heldout": [[q, task.answer(q)] for q in problems],
         }
@@ -369,7 +428,7 @@ def main(argv=None):
             json.dump(result, f, indent=1)
             f.write("\n")
         with open(path / "EVALUATION.md", "w") as f:
-            f.write(markdown(info, rows, generate_row))
+            f.write(markdown(info, tables, generate_row))
         print(f"wrote {path / 'EVALUATION.md'} and evaluation.json")
 
 

@@ -5,15 +5,20 @@
 The task is an instruction in LLaDA's chat template: by default the user
 asks ``"sort 91213517"`` and the assistant answers ``"11123579"`` (6 to 8
 digits); ``--task add`` asks ``"12+345="`` for ``"357"``. The answer is
-followed by ``<|eot_id|>``, then ``<|endoftext|>`` up to a fixed answer
-length (as LLaDA-Instruct answers).
+followed by ``<|eot_id|>``, then ``<|endoftext|>`` up to the answer canvas's
+length (as LLaDA-Instruct answers). Each step draws its canvas length from
+``--answer-lengths``, so that the model answers the same in a 16-token and
+in a 256-token canvas (mlx-lm's default ``max_tokens``); a batch holds about
+``--batch-tokens`` tokens.
 
 Training follows LLaDA's SFT recipe: for each sequence a masking ratio
 ``t ~ U(eps, 1)``; each answer token (EoT and EOS padding included) is masked
 with probability ``t``; the prompt stays clean. The loss is the cross-entropy
 on the masked tokens weighted by ``1/t``, summed, divided by the answer
 length and averaged over the batch. Seeds are fixed: the same command gives
-the same data, masks and initial weights.
+the same data, masks and initial weights. ``--init`` starts from a checkpoint
+that this script wrote (a second training stage); ``training.json`` keeps
+every stage's command.
 
 The result is a checkpoint in the Hugging Face layout of
 ``GSAI-ML/LLaDA-8B-Instruct`` (``config.json``, ``generation_config.json``,
@@ -311,7 +316,7 @@ def hf_config(args, ids):
     }
 
 
-def save_checkpoint(model, tok, out: Path, answer_length, block_length):
+def save_checkpoint(model, tok, out: Path, block_length):
     out.mkdir(parents=True, exist_ok=True)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     _write_json(out / "config.json", hf_config(model.args, ids))
@@ -320,8 +325,7 @@ def save_checkpoint(model, tok, out: Path, answer_length, block_length):
         {
             "bos_token_id": ids[BOS],
             "eos_token_id": ids[EOS],
-            # mlx-lm-llada's defaults for this model: the canvas it was
-            # trained on is answer_length tokens.
+            # mlx-lm-llada's defaults for this model (evaluated with them).
             "diffusion": {"block_length": block_length},
             "transformers_version": "4.38.2",
         },
@@ -332,6 +336,48 @@ def save_checkpoint(model, tok, out: Path, answer_length, block_length):
         str(out / "model.safetensors"), weights, metadata={"format": "pt"}
     )
     save_tokenizer(tok, out)
+
+
+def load_init(model, path: Path):
+    """Load a checkpoint of this script into ``model``; its earlier stages."""
+    with open(path / "config.json") as f:
+        config = json.load(f)
+    a = model.args
+    mine = {
+        "d_model": a.d_model,
+        "n_layers": a.n_layers,
+        "n_heads": a.n_heads,
+        "mlp_hidden_size": a.mlp_hidden_size,
+        "vocab_size": a.vocab_size,
+    }
+    differ = {k: (config.get(k), v) for k, v in mine.items() if config.get(k) != v}
+    if differ:
+        raise SystemExit(
+            f"--init {path}: its shape differs from this run's: "
+            + ", ".join(f"{k} {c} (here {v})" for k, (c, v) in differ.items())
+        )
+    model.load_weights(str(path / "model.safetensors"))
+    training = path / "training.json"
+    if not training.exists():
+        return []
+    with open(training) as f:
+        done = json.load(f)
+    if "stages" in done:
+        return done["stages"]
+    # A single-stage run's record, from before stages were kept.
+    return [
+        {
+            "command": done["command"],
+            "steps": done["args"]["steps"],
+            "answer_lengths": [done["args"]["answer_length"]],
+            "batch_sizes": {
+                str(done["args"]["answer_length"]): done["args"]["batch_size"]
+            },
+            "train_seconds": done["train_seconds"],
+            "heldout_accuracy_reference": done["final_heldout_accuracy_reference"],
+            "eval_length": done["args"]["answer_length"],
+        }
+    ]
 
 
 def _write_json(path, obj):
@@ -347,15 +393,32 @@ def _write_json(path, obj):
 class Batches:
     """Training batches: left-padded prompts, answers padded with EOS."""
 
-    def __init__(self, tok, rng, task, answer_length, exclude):
+    def __init__(self, tok, rng, task, answer_lengths, batch_size, exclude):
         self.tok, self.rng, self.task = tok, rng, task
-        self.answer_length = answer_length
+        self.answer_lengths = answer_lengths
         self.exclude = exclude
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         longest = task.longest()
         self.prompt_length = len(self.encode(chat_prompt(longest)))
-        if len(self.encode(task.answer(longest))) + 1 > answer_length:
-            raise ValueError(f"answer_length {answer_length} is too short")
+        # The shortest canvas gets batch_size sequences, the others as many
+        # tokens: a step costs about the same whatever its canvas.
+        budget = batch_size * (self.prompt_length + min(answer_lengths))
+        self.batch_sizes = {
+            n: max(1, budget // (self.prompt_length + n)) for n in answer_lengths
+        }
+        need = len(self.encode(task.answer(longest))) + 1
+        if need > min(answer_lengths):
+            raise ValueError(
+                f"answer length {min(answer_lengths)} is too short: the longest "
+                f"answer and <|eot_id|> take {need} tokens"
+            )
+
+    def next(self):
+        """One training batch: (tokens, attention mask, answer positions)."""
+        lengths = self.answer_lengths
+        # A single length draws nothing, so a one-length run keeps its seeds.
+        n = lengths[0] if len(lengths) == 1 else int(self.rng.choice(lengths))
+        return self.make(self.problems(self.batch_sizes[n]), n)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -368,9 +431,9 @@ class Batches:
                     out.append(q)
         return out
 
-    def make(self, problems):
+    def make(self, problems, answer_length):
         """tokens [B, T], attention mask [B, T], answer positions [B, T]."""
-        B, P, L = len(problems), self.prompt_length, self.answer_length
+        B, P, L = len(problems), self.prompt_length, answer_length
         tokens = np.full((B, P + L), self.ids[EOS], dtype=np.int32)
         attn = np.zeros((B, P + L), dtype=np.int32)
         prompts = self.tok.encode_batch(
@@ -395,7 +458,8 @@ class Batches:
         masked = (self.rng.uniform(size=(B, T)) < p_mask[:, None]) & is_answer
         inputs = np.where(masked, self.ids[MASK], tokens).astype(np.int32)
         # sum over masked of CE / p_mask / answer length, mean over the batch
-        weights = masked / p_mask[:, None] / self.answer_length / B
+        answer_length = is_answer.sum(axis=1, keepdims=True)
+        weights = masked / p_mask[:, None] / answer_length / B
         return inputs, weights.astype(np.float32)
 
 
@@ -456,7 +520,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="sequences of the shortest canvas; longer ones take as many tokens",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=100)
@@ -468,16 +537,27 @@ def parse_args(argv=None):
     p.add_argument("--min-len", type=int, default=6, help="sort: shortest string")
     p.add_argument("--max-len", type=int, default=8, help="sort: longest string")
     p.add_argument(
-        "--answer-length",
+        "--answer-lengths",
         type=int,
-        default=16,
-        help="answer canvas: the answer, <|eot_id|>, then <|endoftext|> padding",
+        nargs="+",
+        default=[16],
+        help="answer canvases (the answer, <|eot_id|>, then <|endoftext|> "
+        "padding); each step draws one",
     )
     p.add_argument(
         "--block-length",
         type=int,
         default=8,
         help="block length written to generation_config.json and used in evals",
+    )
+    p.add_argument(
+        "--eval-length",
+        type=int,
+        help="canvas of the held-out evaluation (default: the longest answer length)",
+    )
+    p.add_argument(
+        "--init",
+        help="start from this checkpoint (written by this script, same shape)",
     )
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=4)
@@ -521,16 +601,25 @@ def main(argv=None):
         max_sequence_length=4096,
     )
     model = Model(model_args)
+    stages = []
+    if args.init:
+        init = Path(args.init)
+        if not init.is_absolute():
+            init = ROOT / init
+        stages = load_init(model, init)
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
 
     task = make_task(args.task, args.max_digits, args.min_len, args.max_len)
     heldout = heldout_problems(task, args.heldout, args.heldout_seed)
-    data = Batches(tok, rng, task, args.answer_length, set(heldout))
+    lengths = sorted(set(args.answer_lengths))
+    data = Batches(tok, rng, task, lengths, args.batch_size, set(heldout))
+    eval_length = args.eval_length or lengths[-1]
     print(
         f"tokenizer {tok.get_vocab_size()} tokens, {args.vocab_rows} rows; "
-        f"model {n_params:,} parameters; sequence {data.prompt_length} + "
-        f"{args.answer_length} tokens",
+        f"model {n_params:,} parameters; prompt {data.prompt_length} tokens; "
+        "answer canvas (batch): "
+        + ", ".join(f"{n} ({data.batch_sizes[n]})" for n in lengths),
         flush=True,
     )
 
@@ -564,7 +653,7 @@ def main(argv=None):
     eval_set = heldout[: args.eval_problems]
     start, running = time.time(), []
     for step in range(1, args.steps + 1):
-        tokens, attn, is_answer = data.make(data.problems(args.batch_size))
+        tokens, attn, is_answer = data.next()
         inputs, weights = data.noised(tokens, is_answer, args.eps)
         loss = train_step(
             mx.array(inputs), mx.array(tokens), mx.array(weights), mx.array(attn)
@@ -580,14 +669,30 @@ def main(argv=None):
             )
             running = []
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(
-                model, tok, task, eval_set, args.answer_length, args.block_length
+            acc = accuracy(model, tok, task, eval_set, eval_length, args.block_length)
+            print(
+                f"step {step:5d}  held-out exact match {acc:.3f} "
+                f"(canvas {eval_length}, block {args.block_length})",
+                flush=True,
             )
-            print(f"step {step:5d}  held-out exact match {acc:.3f}", flush=True)
-            save_checkpoint(model, tok, out, args.answer_length, args.block_length)
+            save_checkpoint(model, tok, out, args.block_length)
 
     train_time = time.time() - start
-    save_checkpoint(model, tok, out, args.answer_length, args.block_length)
+    save_checkpoint(model, tok, out, args.block_length)
+    stages.append(
+        {
+            "command": " ".join(
+                ["python benchmarks/train_tiny_llada.py"]
+                + (argv if argv is not None else sys.argv[1:])
+            ),
+            "steps": args.steps,
+            "answer_lengths": lengths,
+            "batch_sizes": {str(n): data.batch_sizes[n] for n in lengths},
+            "train_seconds": round(train_time, 1),
+            "heldout_accuracy_reference": acc,
+            "eval_length": eval_length,
+        }
+    )
     _write_json(
         out / "training.json",
         {
@@ -595,13 +700,10 @@ def main(argv=None):
             "objective": "LLaDA SFT: t~U(eps,1), answer tokens masked with "
             "prob t, CE on masked / t, / answer length, mean over batch",
             "parameters": n_params,
-            "train_seconds": round(train_time, 1),
+            "train_seconds": round(sum(s["train_seconds"] for s in stages), 1),
             "final_heldout_accuracy_reference": acc,
             "args": vars(args),
-            "command": " ".join(
-                ["python benchmarks/train_tiny_llada.py"]
-                + (argv if argv is not None else sys.argv[1:])
-            ),
+            "stages": stages,
         },
     )
     print(f"saved {out} after {train_time:.0f} s", flush=True)

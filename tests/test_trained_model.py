@@ -1,9 +1,10 @@
 """Decoding modes on a trained LLaDA: parallel decoding keeps its answers.
 
 ``tests/fixtures/trained-sorter`` is a tiny LLaDA trained with LLaDA's SFT
-objective to sort 6 to 8 digits (``benchmarks/train_tiny_llada.py``); its
-held-out problems and their answers are in ``evaluation.json``. A random
-model cannot tell a good decoding rule from a bad one; this one can.
+objective to sort 6 to 8 digits in answer canvases of 16 to 256 tokens
+(``benchmarks/train_tiny_llada.py``); its held-out problems and their answers
+are in ``evaluation.json``. A random model cannot tell a good decoding rule
+from a bad one; this one can.
 """
 
 import json
@@ -17,7 +18,9 @@ from mlx_lm_llada import diffusion_generate
 
 TRAINED = FIXTURES / "trained-sorter"
 N = 32  # held-out problems, one batch
-CANVAS, BLOCK = 16, 8  # the trained answer length; the checkpoint's block
+CANVAS, BLOCK = 16, 8  # the shortest trained canvas
+# mlx-lm's default max_tokens and the checkpoint's block.
+LONG_N, LONG_CANVAS, LONG_BLOCK = 8, 256, 32
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +49,10 @@ def _batch(tokenizer, questions):
     return mx.array(prompt), mx.array(mask)
 
 
-def _correct(model, tokenizer, heldout, **kwargs):
+def _correct(model, tokenizer, heldout, gen_length=CANVAS, **kwargs):
     prompt, mask = _batch(tokenizer, [q for q, _ in heldout])
     out, nfe = diffusion_generate(
-        model, prompt, attention_mask=mask, gen_length=CANVAS, **kwargs
+        model, prompt, attention_mask=mask, gen_length=gen_length, **kwargs
     )
     ends = set(model.diffusion.end_token_ids)
     right = 0
@@ -98,13 +101,37 @@ def test_dual_cache_keeps_reference_accuracy(trained, reference):
     assert nfe == CANVAS
 
 
-def test_mlx_lm_generate_answers(trained):
+def test_long_canvas_threshold_keeps_reference_accuracy(trained):
+    # A short answer in a long canvas. Both stop early: a token before the
+    # first end token is final once committed, so the answers are the same.
+    model, tokenizer, heldout = trained
+    heldout = heldout[:LONG_N]
+    common = dict(gen_length=LONG_CANVAS, steps=LONG_CANVAS, block_length=LONG_BLOCK)
+    ref, ref_nfe = _correct(model, tokenizer, heldout, early_stop=True, **common)
+    fast, fast_nfe = _correct(
+        model,
+        tokenizer,
+        heldout,
+        threshold=0.9,
+        cache="dual",
+        early_stop=True,
+        **common,
+    )
+    assert ref >= LONG_N - 2, f"reference schedule: {ref}/{LONG_N}"
+    assert ref_nfe == LONG_BLOCK  # every answer ends in the first block
+    assert fast >= ref, f"threshold 0.9 + dual cache: {fast}/{LONG_N}, reference {ref}"
+    assert fast_nfe <= 3, f"{fast_nfe} model calls"
+
+
+def test_mlx_lm_generate_answers_with_its_defaults(trained):
+    # mlx-lm's default max_tokens (256) and the checkpoint's diffusion defaults.
     import mlx_lm
 
     model, tokenizer, heldout = trained
-    question, answer = heldout[0]
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True
-    )
-    text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=CANVAS)
-    assert text.strip() == answer
+    right = 0
+    for question, answer in heldout[:8]:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True
+        )
+        right += mlx_lm.generate(model, tokenizer, prompt).strip() == answer
+    assert right >= 7, f"{right}/8"
