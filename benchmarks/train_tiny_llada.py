@@ -9,7 +9,7 @@ followed by ``<|eot_id|>``, then ``<|endoftext|>`` up to the answer canvas's
 length (as LLaDA-Instruct answers). Each step draws its canvas length from
 ``--answer-lengths``, so that the model answers the same in a 16-token and
 in a 256-token canvas (mlx-lm's default ``max_tokens``); a batch holds about
-``--batch-tokens`` tokens.
+as many tokens as ``--batch-size`` sequences of the shortest canvas.
 
 Training follows LLaDA's SFT recipe: for each sequence a masking ratio
 ``t ~ U(eps, 1)``; each answer token (EoT and EOS padding included) is masked
