@@ -7,9 +7,10 @@ Loads the checkpoint that ``train_tiny_llada.py`` wrote (through
 trained on), and decodes them with ``diffusion_generate`` in each mode: the
 reference schedule (one token per step), Fast-dLLM's threshold and factor
 rules, the prefix and dual caches, and early stop, at each canvas of
-``--canvases`` (by default the shortest and the longest the model was trained
-on; on a canvas longer than 64 tokens every mode stops early, which leaves
-its answers unchanged). The problems run as one left-padded batch with an attention mask.
+``--canvases`` (by default 16 and 256 tokens, the shortest and the longest
+the fixture was trained on; on a canvas longer than 64 tokens every mode
+stops early, which leaves its answers unchanged). The problems run as one
+left-padded batch with an attention mask.
 
 Model calls (NFE) are counted per problem: a call counts for a problem when
 it commits at least one of its tokens (until its early stop, if on). That is

@@ -361,23 +361,7 @@ def load_init(model, path: Path):
     if not training.exists():
         return []
     with open(training) as f:
-        done = json.load(f)
-    if "stages" in done:
-        return done["stages"]
-    # A single-stage run's record, from before stages were kept.
-    return [
-        {
-            "command": done["command"],
-            "steps": done["args"]["steps"],
-            "answer_lengths": [done["args"]["answer_length"]],
-            "batch_sizes": {
-                str(done["args"]["answer_length"]): done["args"]["batch_size"]
-            },
-            "train_seconds": done["train_seconds"],
-            "heldout_accuracy_reference": done["final_heldout_accuracy_reference"],
-            "eval_length": done["args"]["answer_length"],
-        }
-    ]
+        return json.load(f)["stages"]
 
 
 def _write_json(path, obj):
