@@ -180,7 +180,7 @@ def step_costs(model, llama, prompt, gen_length, block_length, repeat=3):
     """Seconds for one call of each kind, at the first block of the canvas."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlx_lm_llada.diffusion_sampler import CanvasCache
+    from mlx_lm_llada.diffusion import CanvasCache
 
     mask_id = model.diffusion.mask_token_id
     P = prompt.shape[1]

@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=${1:-tests/fixtures/golden/tiny-gqa}
+MODEL=${1:-tests/fixtures/golden/llada/tiny-gqa}
 STEP=${2:-40}
 OUT=${OUT:-docs/trace-html.png}
 PYTHON=${PYTHON:-python}

@@ -11,7 +11,7 @@ __all__ = ["diffusion_generate", "DiffusionSettings"]
 
 def __getattr__(name):
     if name in __all__:
-        from . import diffusion_sampler
+        from . import diffusion
 
-        return getattr(diffusion_sampler, name)
+        return getattr(diffusion, name)
     raise AttributeError(f"module 'mlx_lm_llada' has no attribute {name!r}")

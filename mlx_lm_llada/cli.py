@@ -3,15 +3,29 @@
 import argparse
 import functools
 
-from .diffusion_sampler import CACHE_MODES, REMASKING
+from .diffusion import CACHE_MODES, REMASKING, SCHEDULES
 from .plugin_settings import set_command_settings
 from .visualize import watch_command
 
 FLAGS = {
     # setting: (type, help)
     "steps": (str, "Denoising steps for the whole canvas (default: its length)"),
-    "block_length": (int, "Tokens per semi-autoregressive block (default: 32)"),
+    "block_length": (
+        str,
+        "Tokens per semi-autoregressive block (default: 32; 'none': the whole "
+        "canvas at once)",
+    ),
     "remasking": (str, f"Which masked tokens to commit first: {', '.join(REMASKING)}"),
+    "schedule": (
+        str,
+        f"How many tokens each step commits: {', '.join(SCHEDULES)} (Dream's)",
+    ),
+    "eps": (float, "The timestep schedule's last time (default: 1e-3)"),
+    "alg_temp": (
+        float,
+        "Sample which positions to commit, softmax(confidence / alg_temp) (0: "
+        "the most confident)",
+    ),
     "cfg_scale": (float, "Classifier-free guidance scale (0: off)"),
     "threshold": (
         str,
@@ -23,6 +37,8 @@ FLAGS = {
 BOOL_FLAGS = {
     "logits_eos_inf": "Never propose EOS (its logit is -inf)",
     "confidence_eos_eot_inf": "Give EOS and EoT proposals confidence 0",
+    "capped_threshold": "Threshold decoding commits at most the scheduled count "
+    "plus what earlier steps deferred (Fast-dLLM's Dream rule)",
     "reference": "Decode with the exact reference schedule (no cache, fixed steps)",
 }
 WATCH_FLAGS = {

@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from .registration_hook import MODEL_MODULES
@@ -196,7 +197,11 @@ def patch_utils(module):
         if model_type not in MODEL_MODULES:
             return load_tokenizer(model_path, *args, **kwargs)
         _register_transformers_config(model_type)
-        tokenizer = load_tokenizer(model_path, *args, **kwargs)
+        with warnings.catch_warnings():
+            # transformers reads config.json for the tokenizer and warns
+            # about keys (Dream's rope_scaling: null) that only the model uses.
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*deprecated")
+            tokenizer = load_tokenizer(model_path, *args, **kwargs)
         # Tokens that also end an answer (TOKENIZER_DEFAULTS["eos_tokens"]).
         defaults = getattr(model_module(config), "TOKENIZER_DEFAULTS", {})
         vocab = tokenizer.get_vocab()
@@ -248,7 +253,7 @@ class _RequestFailed(BaseException):
 
 
 def _request_settings(settings):
-    from .diffusion_sampler import check_setting_names
+    from .diffusion import check_setting_names
 
     field = f'request\'s "{REQUEST_SETTINGS_FIELD}"'
     if not isinstance(settings, dict):

@@ -9,7 +9,7 @@ merges these under the call's, see ``mlx_lm_patches.patch_generate``).
 import os
 from typing import Any, Dict
 
-from .diffusion_sampler import (
+from .diffusion import (
     DiffusionSettings,
     check_reference,
     check_setting_names,

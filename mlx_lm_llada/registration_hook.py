@@ -23,7 +23,10 @@ When mlx-lm is imported, the finder
 import os
 import sys
 
-MODEL_MODULES = {"llada": "mlx_lm_llada.models.llada"}
+MODEL_MODULES = {
+    "llada": "mlx_lm_llada.models.llada",
+    "Dream": "mlx_lm_llada.models.dream",
+}
 
 _DISABLE_VAR = "MLX_LM_LLADA_DISABLE"
 

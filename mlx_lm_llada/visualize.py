@@ -1,7 +1,7 @@
 """Watch the canvas fill: a live terminal view and a trace of every step.
 
 Both are step callbacks of the diffusion sampler (``on_step``, which receives
-a :class:`~mlx_lm_llada.diffusion_sampler.Step` after every model call):
+a :class:`~mlx_lm_llada.diffusion.Step` after every model call):
 
 - :class:`CanvasView` redraws the canvas in a terminal while it fills
   (``--visualize``); without a terminal it prints one plain summary line.

@@ -174,7 +174,9 @@ def upstream_imports(text: str, package: str, renames: dict, name: str) -> str:
         root = module.split(".")[0]
         if root not in ("mlx_lm", "mlx_lm_llada") and not module.startswith("."):
             continue
-        if m.group(4) or module.startswith("."):
+        if module.startswith("."):
+            continue  # inside a new package, which moves as a whole
+        if m.group(4):
             raise SeriesError(
                 f"{name}:{i + 1}: {line.strip()!r}: use 'from <absolute> import'"
             )
@@ -243,8 +245,8 @@ def _regroup_imports(text: str, name: str) -> str:
 def new_files(tree: Path, module):
     renames = {}
     for dest, source, _ in getattr(module, "NEW_FILES", []):
-        our = source[: -len(".py")].replace("/", ".")
-        renames[our] = dest[: -len(".py")].replace("/", ".")
+        our = source[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+        renames[our] = dest[: -len(".py")].replace("/", ".").removesuffix(".__init__")
     for dest, source, package in getattr(module, "NEW_FILES", []):
         text = (ROOT / source).read_text(encoding="utf-8")
         if package is not None:

@@ -7,11 +7,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GOLDEN = FIXTURES / "golden"
+GOLDEN = FIXTURES / "golden" / "llada"
 
 
-def golden_cases(kind_prefix=None):
-    with open(GOLDEN / "cases.json") as f:
+def golden_dir(family="llada"):
+    return FIXTURES / "golden" / family
+
+
+def golden_cases(kind_prefix=None, family="llada"):
+    with open(golden_dir(family) / "cases.json") as f:
         cases = json.load(f)["cases"]
     if kind_prefix is None:
         return cases
@@ -33,13 +37,13 @@ def golden_special_ids():
 _MODELS = {}
 
 
-def load_golden(name):
+def load_golden(name, family="llada"):
     """mlx_lm.load of a golden checkpoint, once per test session."""
-    if name not in _MODELS:
+    if (family, name) not in _MODELS:
         import mlx_lm
 
-        _MODELS[name] = mlx_lm.load(str(GOLDEN / name))
-    return _MODELS[name]
+        _MODELS[family, name] = mlx_lm.load(str(golden_dir(family) / name))
+    return _MODELS[family, name]
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 from conftest import GOLDEN, case_id, golden_cases, load_golden
 
 if os.environ.get("MLX_LM_LLADA_UPSTREAM_TREE") == "1":
-    from mlx_lm.diffusion_sampler import diffusion_generate
+    from mlx_lm.diffusion import diffusion_generate
 else:
     from mlx_lm_llada import diffusion_generate
 

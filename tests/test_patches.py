@@ -126,7 +126,7 @@ import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-golden = "tests/fixtures/golden"
+golden = "tests/fixtures/golden/llada"
 with open(f"{golden}/cases.json") as f:
     cases = json.load(f)
 ids = cases["special_token_ids"]

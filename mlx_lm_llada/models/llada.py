@@ -8,21 +8,16 @@ model never applies a causal mask; generation is the diffusion sampler's job.
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 
-from mlx_lm_llada.diffusion_sampler import ContextCache, DiffusionSpec, stream_diffusion
-
-# LLaDA's published Instruct blocks, decoded the Fast-dLLM way (dual cache,
-# threshold 0.9); reference=True gives the exact reference schedule.
-DEFAULT_GENERATION = {
-    "block_length": 32,
-    "remasking": "low_confidence",
-    "cache": "dual",
-    "threshold": 0.9,
-}
+from mlx_lm_llada.diffusion import (
+    DiffusionModel,
+    DiffusionSpec,
+    check_config,
+    check_geometry,
+)
 
 # Special-token ids that LLaDA's config lacks, read from its tokenizer.
 CONFIG_TOKENS = {"bos_token_id": "<|startoftext|>", "eot_token_id": "<|eot_id|>"}
@@ -77,11 +72,7 @@ class ModelArgs(BaseModelArgs):
     @classmethod
     def from_dict(cls, params):
         required = [f.name for f in fields(cls) if f.default is f.default_factory]
-        missing = [k for k in required if params.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"LLaDA config.json is missing required key(s): {', '.join(missing)}"
-            )
+        check_config("LLaDA", params, required, _UNSUPPORTED)
         return super().from_dict(params)
 
     def __post_init__(self):
@@ -91,25 +82,12 @@ class ModelArgs(BaseModelArgs):
             self.mlp_hidden_size = self.mlp_ratio * self.d_model
         if self.embedding_size is None:
             self.embedding_size = self.vocab_size
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be divisible by "
-                f"n_kv_heads ({self.n_kv_heads})"
-            )
         if self.embedding_size < self.vocab_size:
             raise ValueError(
                 f"embedding_size ({self.embedding_size}) is smaller than "
                 f"vocab_size ({self.vocab_size})"
             )
-        if not 0 <= self.mask_token_id < self.embedding_size:
-            raise ValueError(
-                f"mask_token_id ({self.mask_token_id}) is outside the "
-                f"{self.embedding_size} embedding rows"
-            )
+        check_geometry(self, "d_model", "n_heads", "n_kv_heads", "embedding_size")
         expected = {
             "block_type": "llama",
             "activation_type": ("silu", "swiglu"),
@@ -119,12 +97,6 @@ class ModelArgs(BaseModelArgs):
             value = getattr(self, key)
             if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
                 raise ValueError(f"LLaDA config {key}={value!r} is not supported")
-        for key, (value, what) in _UNSUPPORTED.items():
-            if getattr(self, key) != value:
-                raise ValueError(
-                    f"LLaDA config {key}={getattr(self, key)!r} ({what}) "
-                    "is not supported"
-                )
 
 
 class Block(nn.Module):
@@ -192,53 +164,18 @@ class LLaDAModel(nn.Module):
         self.transformer = Transformer(args)
 
 
-def _padding_mask(attention_mask: mx.array, dtype) -> mx.array:
-    # Keys of padding positions get -inf; queries are never masked.
-    mask = attention_mask.astype(mx.bool_)[:, None, None, :]
-    return mx.where(mask, mx.array(0, dtype), mx.array(-mx.inf, dtype))
-
-
-class Model(nn.Module):
+class Model(DiffusionModel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.model = LLaDAModel(args)
 
-    def __call__(
-        self,
-        inputs: mx.array,
-        cache: Optional[Any] = None,
-        attention_mask: Optional[mx.array] = None,
-        logits_positions: Optional[mx.array] = None,
-    ) -> mx.array:
-        """Logits ``[B, L, V]`` with full (bidirectional) attention.
+    def embed(self, inputs):
+        return self.model.transformer.wte(inputs)
 
-        ``attention_mask`` ``[B, K]`` marks the keys to attend to (1 keep, 0
-        padding), where ``K`` is the length of the keys (the cache's, if any).
-        ``logits_positions`` (input positions) limits the output head to those.
-        """
+    def head(self, h):
         t = self.model.transformer
-        if cache is not None and hasattr(cache[0], "extend"):
-            # A token cache (make_cache): keys go stale as the context grows,
-            # so run the whole context and return the new positions' logits.
-            n = inputs.shape[1]
-            return self(cache[0].extend(inputs))[:, -n:]
-        if cache is None:
-            cache = [None] * len(t.blocks)
-        elif len(cache) != len(t.blocks):
-            raise ValueError(
-                f"LLaDA takes one key/value cache per layer ({len(t.blocks)}), "
-                f"got {len(cache)}"
-            )
-        h = t.wte(inputs)
-        mask = None
-        if attention_mask is not None:
-            mask = _padding_mask(attention_mask, h.dtype)
-        for block, c in zip(t.blocks, cache):
-            h = block(h, mask, c)
-        if logits_positions is not None:
-            h = h[:, logits_positions]
         h = t.ln_f(h)
         if self.args.weight_tying:
             return t.wte.as_linear(h)
@@ -255,21 +192,13 @@ class Model(nn.Module):
     def layers(self):
         return self.model.transformer.blocks
 
-    def make_cache(self):
-        return [ContextCache()]
-
     @property
     def diffusion(self):
         """The settings the diffusion sampler needs from this model."""
-        args = self.args
-        return DiffusionSpec(
-            mask_token_id=args.mask_token_id,
-            eos_token_id=args.eos_token_id,
-            eot_token_id=args.eot_token_id,
-            bos_token_id=args.bos_token_id,
-            max_sequence_length=args.max_sequence_length,
-            defaults={**DEFAULT_GENERATION, **(args.diffusion_defaults or {})},
+        # Fast-dLLM's decoding of LLaDA's published Instruct blocks (32);
+        # reference=True gives the exact reference schedule.
+        return DiffusionSpec.from_args(
+            self.args,
+            bos_token_id=self.args.bos_token_id,
+            max_sequence_length=self.args.max_sequence_length,
         )
-
-    def generate_step(self, prompt: mx.array, **kwargs):
-        return stream_diffusion(self, prompt, **kwargs)

@@ -13,8 +13,9 @@ BODY = """\
 mlx_lm/models/llada.py is the LLaDA model (the Hugging Face layout of
 GSAI-ML/LLaDA-8B-Base and -Instruct, and LLaDA-1.5): a bidirectional
 transformer, no causal mask. Its generate_step runs the masked-diffusion
-sampler of mlx_lm/diffusion_sampler.py, which fills a canvas of mask tokens
-block by block: LLaDA's reference schedule, Fast-dLLM's prefix and dual
+strategy of mlx_lm/diffusion/ (settings, caches, commit rules, the loop,
+the reference-shaped API and the generate_step adapter), which fills a
+canvas of mask tokens block by block: LLaDA's reference schedule, Fast-dLLM's prefix and dual
 caches, its threshold and factor rules for parallel decoding, and early stop
 at an end token. The sampler reaches the model only through model(...),
 model.layers and model.diffusion.
@@ -30,7 +31,41 @@ The settings can come from the checkpoint's generation_config.json
 # Our sources, as new upstream files: (upstream path, our path, the package
 # whose relative imports they get, or None to copy as is).
 NEW_FILES = [
-    ("mlx_lm/diffusion_sampler.py", "mlx_lm_llada/diffusion_sampler.py", "mlx_lm"),
+    (
+        "mlx_lm/diffusion/__init__.py",
+        "mlx_lm_llada/diffusion/__init__.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/settings.py",
+        "mlx_lm_llada/diffusion/settings.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/caches.py",
+        "mlx_lm_llada/diffusion/caches.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/commit_rules.py",
+        "mlx_lm_llada/diffusion/commit_rules.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/loop.py",
+        "mlx_lm_llada/diffusion/loop.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/reference_api.py",
+        "mlx_lm_llada/diffusion/reference_api.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/mlx_lm_adapter.py",
+        "mlx_lm_llada/diffusion/mlx_lm_adapter.py",
+        "mlx_lm.diffusion",
+    ),
     ("mlx_lm/models/llada.py", "mlx_lm_llada/models/llada.py", "mlx_lm.models"),
     ("tests/test_diffusion.py", "patches/src/test_diffusion.py", None),
 ]
@@ -43,7 +78,7 @@ GENERATION_CONFIG = (
             config["eos_token_id"] = eos_token_id
 """,
     """\
-        # A diffusion model's sampler settings (see diffusion_sampler.py).
+        # A diffusion model's sampler settings (see mlx_lm/diffusion/settings.py).
         if "diffusion" in generation_config:
             config.setdefault("diffusion_defaults", generation_config["diffusion"])
 """,

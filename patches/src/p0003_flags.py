@@ -41,7 +41,7 @@ def setup_arg_parser():
     \"\"\"Set up and return the argument parser.\"\"\"
 """,
     f"""\
-# The sampler settings of a diffusion model (see diffusion_sampler.py).
+# The sampler settings of a diffusion model (see mlx_lm/diffusion/settings.py).
 DIFFUSION_ARGS = {{
 {_table()}}}
 
@@ -77,7 +77,7 @@ GENERATE_IMPORT = (
 from .generate_utils import BatchCounters, BatchCountersSnapshot, BatchStats
 """,
     """\
-from .diffusion_sampler import parse_setting
+from .diffusion import parse_setting
 """,
 )
 
@@ -169,7 +169,7 @@ SERVER_IMPORT = (
 from .generate import (
 """,
     """\
-from .diffusion_sampler import DiffusionSettings
+from .diffusion import DiffusionSettings
 """,
 )
 
@@ -246,7 +246,7 @@ SERVER_DOCS = (
     """\
 - `diffusion`: (Optional) For a diffusion model, the sampler's settings, e.g.
   `{"steps": 64, "block_length": 32, "threshold": 0.9}`. See `DiffusionSettings`
-  in `mlx_lm/diffusion_sampler.py`.
+  in `mlx_lm/diffusion/`.
 
 """,
 )

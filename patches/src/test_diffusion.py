@@ -5,7 +5,7 @@ import unittest
 import mlx.core as mx
 import numpy as np
 
-from mlx_lm.diffusion_sampler import CanvasCache, diffusion_generate
+from mlx_lm.diffusion import CanvasCache, diffusion_generate
 from mlx_lm.generate import generate_step
 from mlx_lm.models import llada
 

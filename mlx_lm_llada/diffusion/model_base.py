@@ -1,0 +1,106 @@
+# Copyright © 2026 mlx-lm-llada contributors.
+"""What every masked-diffusion model file shares: mlx-lm's entry points (a
+token prompt cache, the model's own generation loop) and the call that the
+denoising loop makes."""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from .caches import ContextCache
+from .mlx_lm_adapter import stream_diffusion
+
+
+class DiffusionModel:
+    """A mixin for a model file's ``Model`` (before ``nn.Module``).
+
+    The model implements ``embed(inputs)``, ``layers`` (each called as
+    ``layer(h, mask, cache)``), ``head(h)`` (final norm and output head) and
+    ``diffusion``; ``place(cache, attention_mask)`` may wrap the layers'
+    caches to position a padded batch. This class runs the rest of the call.
+    """
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[Any] = None,
+        attention_mask: Optional[mx.array] = None,
+        logits_positions: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits ``[B, L, V]`` with full (bidirectional) attention, unshifted.
+
+        ``attention_mask`` ``[B, K]`` marks the keys to attend to (1 keep, 0
+        left padding), where ``K`` is the length of the keys (the cache's, if
+        any). ``logits_positions`` (input positions) limits the output head
+        to those.
+        """
+        if cache is not None and isinstance(cache[0], ContextCache):
+            # A token cache (make_cache): keys go stale as the context grows,
+            # so run the whole context and return the new positions' logits.
+            n = inputs.shape[1]
+            return self(cache[0].extend(inputs))[:, -n:]
+        if cache is None:
+            cache = [None] * len(self.layers)
+        elif len(cache) != len(self.layers):
+            raise ValueError(
+                f"{self.diffusion.family} takes one key/value cache per layer "
+                f"({len(self.layers)}), got {len(cache)}"
+            )
+        h = self.embed(inputs)
+        mask = None
+        if attention_mask is not None:
+            mask = key_padding_mask(attention_mask, h.dtype)
+            cache = self.place(cache, attention_mask)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        if logits_positions is not None:
+            h = h[:, logits_positions]
+        return self.head(h)
+
+    def place(self, cache, attention_mask):
+        return cache
+
+    def make_cache(self):
+        return [ContextCache()]
+
+    def generate_step(self, prompt: mx.array, **kwargs):
+        return stream_diffusion(self, prompt, **kwargs)
+
+
+def key_padding_mask(attention_mask: mx.array, dtype) -> mx.array:
+    """An additive mask ``[B, 1, 1, K]``: padding keys get -inf, for every
+    query (a padding query's output is never read)."""
+    keep = attention_mask.astype(mx.bool_)[:, None, None, :]
+    return mx.where(keep, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+
+
+def check_config(family: str, params: dict, required, unsupported: dict):
+    """Refuse a ``config.json`` that lacks a key the model cannot do without,
+    or asks for what it does not implement (``unsupported`` maps a key to the
+    one value we implement and what the key is)."""
+    missing = [k for k in required if params.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"{family} config.json is missing required key(s): {', '.join(missing)}"
+        )
+    for key, (value, what) in unsupported.items():
+        if params.get(key, value) != value:
+            raise ValueError(
+                f"{family} config {key}={params[key]!r} ({what}) is not supported"
+            )
+
+
+def check_geometry(args, width: str, heads: str, kv_heads: str, rows: str):
+    """Refuse a shape the layers cannot have; the arguments name the fields
+    of ``args`` (the model's width, heads, key/value heads, embedding rows)."""
+    for whole, part in ((width, heads), (heads, kv_heads)):
+        if getattr(args, whole) % getattr(args, part):
+            raise ValueError(
+                f"{whole} ({getattr(args, whole)}) must be divisible by "
+                f"{part} ({getattr(args, part)})"
+            )
+    if not 0 <= args.mask_token_id < getattr(args, rows):
+        raise ValueError(
+            f"mask_token_id ({args.mask_token_id}) is outside the "
+            f"{getattr(args, rows)} embedding rows"
+        )

@@ -1,0 +1,210 @@
+# Copyright © 2026 mlx-lm-llada contributors.
+"""``diffusion_generate``: the references' own call, for code ported from
+them. Each family keeps its argument names (LLaDA's ``generate.py``, Dream's
+``diffusion_generate``, and Fast-dLLM's additions to both); all of them run
+the one loop."""
+
+import dataclasses
+from typing import Any, Callable, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .loop import Step, denoise
+from .settings import DiffusionSettings, DiffusionSpec
+
+
+def _llada_arguments(
+    prompt_length: int,
+    steps: int = 128,
+    gen_length: int = 128,
+    block_length: int = 128,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: Optional[int] = None,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    threshold: Optional[float] = None,
+    factor: Optional[float] = None,
+    cache: Optional[str] = None,
+):
+    """LLaDA's ``generate`` and Fast-dLLM's ``generate_with_*_cache``."""
+    settings = dict(
+        steps=steps,
+        block_length=block_length,
+        remasking=remasking,
+        cfg_scale=cfg_scale,
+        logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf,
+        threshold=threshold,
+        factor=factor,
+        cache=cache or "none",
+    )
+    return gen_length, settings, dict(temp=temperature), mask_id
+
+
+# Dream's ``alg`` names for our confidence functions.
+_DREAM_ALGS = {
+    "maskgit_plus": "low_confidence",
+    "topk_margin": "topk_margin",
+    "entropy": "entropy",
+    "origin": "origin",
+}
+
+
+def _dream_arguments(
+    prompt_length: int,
+    max_new_tokens: Optional[int] = None,
+    max_length: Optional[int] = None,
+    steps: int = 512,
+    eps: float = 1e-3,
+    alg: str = "origin",
+    alg_temp: Optional[float] = None,
+    temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    threshold: Optional[float] = 0.9,
+    block_length: Optional[int] = None,
+    dual_cache: bool = False,
+    mask_token_id: Optional[int] = None,
+):
+    """Dream's ``diffusion_generate`` and Fast-dLLM's Dream loops: with
+    ``block_length`` the block loop with a prefix (or ``dual_cache``) cache,
+    else the whole canvas at once."""
+    if max_new_tokens is not None:
+        gen_length = max_new_tokens
+    elif max_length is not None:
+        gen_length = max_length - prompt_length
+    else:
+        gen_length = 20  # DreamGenerationConfig's max_length, as new tokens
+    settings = dict(
+        steps=steps,
+        eps=eps,
+        alg_temp=alg_temp or 0.0,
+        block_length=block_length,
+        schedule="timesteps",
+    )
+    if block_length is not None:
+        settings["cache"] = "dual" if dual_cache else "prefix"
+    if alg == "confidence_threshold":
+        settings.update(remasking="low_confidence", threshold=threshold)
+        if block_length is None:
+            # Fast-dLLM's Dream rule: an even quota per step, capped.
+            settings.update(schedule="even", capped_threshold=True)
+    elif alg in _DREAM_ALGS:
+        settings["remasking"] = _DREAM_ALGS[alg]
+    else:
+        raise ValueError(
+            f"alg must be one of {sorted(_DREAM_ALGS) + ['confidence_threshold']}, "
+            f"got {alg!r}"
+        )
+    sampling = dict(temp=temperature, top_p=top_p or 0.0, top_k=top_k or 0)
+    return gen_length, settings, sampling, mask_token_id
+
+
+REFERENCE_ARGUMENTS = {"LLaDA": _llada_arguments, "Dream": _dream_arguments}
+
+
+def diffusion_generate(
+    model,
+    prompt: mx.array,
+    attention_mask: Optional[mx.array] = None,
+    *,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    early_stop: bool = False,
+    on_step: Optional[Callable[[Step], None]] = None,
+    **params: Any,
+) -> Tuple[mx.array, int]:
+    """Generate as the model family's reference code does, with its arguments.
+
+    Args:
+        prompt: Token ids ``[B, P]``; a batch is left-padded.
+        attention_mask: ``[B, P]``, 1 for tokens and 0 for padding.
+        sampler: Chooses candidate tokens from log-probabilities ``[N, V]``
+            (mlx-lm's ``make_sampler``). Defaults to mlx-lm's sampler for the
+            family's ``temperature`` (and Dream's ``top_p``, ``top_k``).
+        early_stop: Stop once every row has an end token with everything
+            before it committed; the rest is filled with EOS.
+        on_step: Called with a :class:`Step` after each model call.
+        params: The family's own arguments. LLaDA: ``steps``, ``gen_length``,
+            ``block_length``, ``temperature``, ``cfg_scale``, ``remasking``,
+            ``mask_id``, ``logits_eos_inf``, ``confidence_eos_eot_inf`` and
+            Fast-dLLM's ``threshold``, ``factor``, ``cache``. Dream:
+            ``max_new_tokens`` (or ``max_length``), ``steps``, ``eps``,
+            ``alg``, ``alg_temp``, ``temperature``, ``top_p``, ``top_k`` and
+            Fast-dLLM's ``threshold``, ``block_length``, ``dual_cache``.
+
+    Returns:
+        ``(tokens, nfe)``: the whole sequence ``[B, P + gen_length]`` and the
+        number of model calls.
+    """
+    prompt = as_batch(prompt)
+    spec = model.diffusion
+    arguments = REFERENCE_ARGUMENTS.get(spec.family)
+    if arguments is None:
+        raise ValueError(f"No reference arguments are known for {spec.family}")
+    try:
+        gen_length, given, sampling, mask_id = arguments(prompt.shape[1], **params)
+    except TypeError as e:
+        raise ValueError(f"{spec.family}'s diffusion_generate: {e}") from None
+    if mask_id is not None and mask_id != spec.mask_token_id:
+        spec = dataclasses.replace(spec, mask_token_id=mask_id)
+    if sampler is None and sampling["temp"] > 0:
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(**sampling)
+    settings = DiffusionSettings(**given)
+    check_length(spec, prompt.shape[1], gen_length)
+    if attention_mask is not None:
+        check_left_padding(attention_mask, prompt.shape)
+    last = None
+    for last in denoise(
+        model,
+        prompt,
+        gen_length,
+        settings,
+        attention_mask=attention_mask,
+        sampler=sampler,
+        early_stop=early_stop,
+        spec=spec,
+    ):
+        if on_step is not None:
+            on_step(last)
+    return mx.array(last.canvas), last.nfe
+
+
+def as_batch(prompt) -> mx.array:
+    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2:
+        raise ValueError(f"prompt must be token ids [B, P], got shape {prompt.shape}")
+    if prompt.shape[1] == 0:
+        raise ValueError("The prompt is empty: a diffusion model needs a prompt")
+    return prompt
+
+
+def check_left_padding(attention_mask: mx.array, shape):
+    """A batch's attention mask: 0 for left padding, then 1 for tokens."""
+    mask = np.array(attention_mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(
+            f"attention_mask has shape {mask.shape}, the prompt {tuple(shape)}"
+        )
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (tokens)")
+    if (np.diff(mask.astype(np.int64), axis=1) < 0).any() or not mask[:, -1].all():
+        raise ValueError(
+            "attention_mask must pad on the left: zeros, then ones to the end"
+        )
+
+
+def check_length(spec: DiffusionSpec, prompt_length: int, gen_length: int):
+    limit = spec.max_sequence_length
+    if limit is not None and prompt_length + gen_length > limit:
+        raise ValueError(
+            f"The prompt ({prompt_length} tokens) plus the canvas ({gen_length} "
+            f"tokens) is longer than the model's context (max_sequence_length "
+            f"{limit})"
+        )

@@ -1,0 +1,268 @@
+# Copyright © 2026 mlx-lm-llada contributors.
+"""What a diffusion model declares (:class:`DiffusionSpec`), the sampler's
+settings (:class:`DiffusionSettings`) and where they come from."""
+
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+# How a step ranks the masked positions: the probability of the proposal
+# (LLaDA's low_confidence, Dream's maskgit_plus), top-1 minus top-2
+# probability, negative entropy, random order, or Dream's "origin" (each
+# position is committed with the schedule's probability).
+REMASKING = ("low_confidence", "topk_margin", "entropy", "random", "origin")
+CACHE_MODES = ("none", "prefix", "dual")
+# How many tokens a fixed-count step commits: an even split of the block's
+# masks over its steps (LLaDA), or Dream's timestep schedule.
+SCHEDULES = ("even", "timesteps")
+
+
+# Fast-dLLM's decoding (blocks of 32, dual cache, threshold 0.9): what LLaDA
+# and Dream decode with unless told otherwise.
+FAST_DEFAULTS = {
+    "block_length": 32,
+    "remasking": "low_confidence",
+    "cache": "dual",
+    "threshold": 0.9,
+}
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """What a diffusion model tells the strategy about itself.
+
+    ``logits_shift`` is 1 for models whose token at position i is read from
+    the logits at position i - 1 (Dream: initialised from an autoregressive
+    model). ``reference`` holds the settings that ``reference=True`` forces:
+    the family's exact reference schedule. ``family`` names the model family
+    in messages.
+    """
+
+    mask_token_id: int
+    eos_token_id: Optional[int] = None
+    eot_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    max_sequence_length: Optional[int] = None
+    logits_shift: int = 0
+    family: str = "LLaDA"
+    defaults: Dict[str, Any] = field(default_factory=dict)
+    reference: Dict[str, Any] = field(
+        default_factory=lambda: {"threshold": None, "factor": None, "cache": "none"}
+    )
+
+    @classmethod
+    def from_args(
+        cls, args, defaults: Dict[str, Any] = FAST_DEFAULTS, **traits
+    ) -> "DiffusionSpec":
+        """The spec of a model whose ``ModelArgs`` carry the special token ids
+        (``mask_token_id``, ``eos_token_id``, ``eot_token_id``) and the
+        checkpoint's ``diffusion_defaults``, which override ``defaults``."""
+        return cls(
+            mask_token_id=args.mask_token_id,
+            eos_token_id=args.eos_token_id,
+            eot_token_id=args.eot_token_id,
+            defaults={**defaults, **(args.diffusion_defaults or {})},
+            **traits,
+        )
+
+    @property
+    def end_token_ids(self):
+        return tuple(t for t in (self.eos_token_id, self.eot_token_id) if t is not None)
+
+
+_SETTING_TYPES = {
+    int: numbers.Integral,
+    float: numbers.Real,
+    bool: (bool, np.bool_),
+    str: str,
+}
+
+
+@dataclass
+class DiffusionSettings:
+    """The sampler's settings, with the references' names.
+
+    ``steps=None`` means one step per canvas token (the paper's best setting);
+    ``block_length=None`` makes the whole canvas one block (Dream's own loop).
+    ``threshold``/``factor`` switch to Fast-dLLM's parallel decoding (``steps``
+    is then unused, unless ``capped_threshold``: Fast-dLLM's Dream rule, where
+    a step commits at most its scheduled count plus what earlier steps
+    deferred). ``cache`` is ``"none"``, ``"prefix"`` or ``"dual"``.
+    ``reference=True`` asks for the model's exact reference schedule, whatever
+    its defaults say.
+    """
+
+    steps: Optional[int] = None
+    block_length: Optional[int] = 32
+    remasking: str = "low_confidence"
+    schedule: str = "even"
+    eps: float = 1e-3
+    alg_temp: float = 0.0
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    threshold: Optional[float] = None
+    factor: Optional[float] = None
+    capped_threshold: bool = False
+    cache: str = "none"
+    reference: bool = False
+
+    def check_values(self):
+        """Raise a ValueError naming the first setting that is impossible alone."""
+        self._check_types()
+        if self.block_length is not None and self.block_length <= 0:
+            raise ValueError(f"block_length must be positive, got {self.block_length}")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        for name, allowed in (
+            ("remasking", REMASKING),
+            ("schedule", SCHEDULES),
+            ("cache", CACHE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+        if self.alg_temp < 0:
+            raise ValueError(f"alg_temp must be >= 0, got {self.alg_temp}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            raise ValueError(f"factor must be positive, got {self.factor}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("threshold and factor are two rules: set only one")
+        if self.capped_threshold and self.threshold is None:
+            raise ValueError("capped_threshold caps the threshold rule: set threshold")
+        parallel = self.threshold is not None or self.factor is not None
+        if parallel and self.remasking == "origin":
+            raise ValueError(
+                "remasking='origin' commits positions at random: it cannot be "
+                "combined with threshold or factor"
+            )
+
+    def _check_types(self):
+        # Settings also come from JSON (a server request, a config file): a
+        # string or float step count would fail deep inside the loop.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = {Optional[int]: int, Optional[float]: float}.get(f.type, f.type)
+            if value is None and kind is not f.type:
+                continue
+            is_bool = isinstance(value, (bool, np.bool_))
+            if not isinstance(value, _SETTING_TYPES[kind]) or is_bool != (kind is bool):
+                optional = " or null" if kind is not f.type else ""
+                raise ValueError(
+                    f"{f.name} must be of type {kind.__name__}{optional}, got {value!r}"
+                )
+
+    @property
+    def fixed_count(self) -> bool:
+        """Steps commit a scheduled number of tokens (no parallel rule)."""
+        return self.threshold is None and self.factor is None
+
+    def block_size(self, gen_length: int) -> int:
+        return gen_length if self.block_length is None else self.block_length
+
+    def check(self, gen_length: int):
+        """Raise a ValueError naming the first impossible setting."""
+        self.check_values()
+        if gen_length <= 0:
+            raise ValueError(f"gen_length must be positive, got {gen_length}")
+        block_length = self.block_size(gen_length)
+        if gen_length % block_length:
+            raise ValueError(
+                f"gen_length ({gen_length}) must be a multiple of "
+                f"block_length ({block_length})"
+            )
+        blocks = gen_length // block_length
+        if self.fixed_count or self.capped_threshold:
+            steps = self.steps if self.steps is not None else gen_length
+            if steps < blocks:
+                raise ValueError(
+                    f"steps ({steps}) is smaller than the number of blocks "
+                    f"({blocks} blocks of {block_length} in {gen_length})"
+                )
+            if steps % blocks:
+                raise ValueError(
+                    f"steps ({steps}) must be a multiple of the number of blocks "
+                    f"({blocks})"
+                )
+
+    def steps_per_block(self, gen_length: int) -> int:
+        steps = self.steps if self.steps is not None else gen_length
+        return steps // (gen_length // self.block_size(gen_length))
+
+
+def parse_setting(name: str, value):
+    """Convert a setting given as text (environment, config) to its type."""
+    kind = {f.name: f.type for f in fields(DiffusionSettings)}[name]
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    # "none" unsets an optional number; for cache it is a mode's name.
+    if text in ("none", "null", "") and kind in (Optional[int], Optional[float]):
+        return None
+    try:
+        if kind is bool:
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind in (int, Optional[int]):
+            return int(text)
+        if kind in (float, Optional[float]):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"Diffusion setting {name}: cannot read {value!r}") from None
+    return value.strip()
+
+
+def check_setting_names(names, source):
+    """Raise a ValueError naming any unknown setting and where it came from."""
+    known = {f.name for f in fields(DiffusionSettings)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown diffusion setting(s) {', '.join(unknown)} in {source}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
+def resolve_settings(
+    spec: DiffusionSpec, overrides: Optional[Dict[str, Any]] = None
+) -> DiffusionSettings:
+    """The settings in force: the built-in defaults, then the model's (its
+    module's, then its directory's ``generation_config.json``), then the
+    call's keyword arguments. An explicit ``None`` (``none`` as text) turns
+    an optional setting off, e.g. ``threshold=None``."""
+    values: Dict[str, Any] = {}
+    check_setting_names(spec.defaults, "the model's generation defaults")
+    values.update({k: parse_setting(k, v) for k, v in spec.defaults.items()})
+    overrides = overrides or {}
+    check_setting_names(overrides, "the call")
+    values.update(overrides)
+    if values.get("reference"):
+        check_reference(overrides, spec)
+        values.update(spec.reference)
+    return DiffusionSettings(**values)
+
+
+def check_reference(given: Dict[str, Any], spec: Optional[DiffusionSpec] = None):
+    """Refuse ``reference=True`` given together with a setting it forces."""
+    if not given.get("reference"):
+        return
+    forced = (spec or DiffusionSpec(0)).reference
+    clash = sorted(k for k, v in forced.items() if k in given and given[k] != v)
+    if clash:
+        family = f"{spec.family}'s" if spec is not None else "the"
+        raise ValueError(
+            f"reference=True is {family} exact reference schedule: it cannot be "
+            f"combined with {', '.join(clash)}"
+        )
