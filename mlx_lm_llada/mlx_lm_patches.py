@@ -122,6 +122,15 @@ def _special_token_ids(model_path: Path):
     return ids
 
 
+def _remote_tokenizer(model_path: Path) -> bool:
+    """Whether the checkpoint's tokenizer class is its own code (auto_map)."""
+    config = _read_json(model_path / "tokenizer_config.json")
+    auto_map = config.get("auto_map")
+    return isinstance(auto_map, (list, tuple)) or (
+        isinstance(auto_map, dict) and "AutoTokenizer" in auto_map
+    )
+
+
 def _register_transformers_config(model_type):
     # Without a registered config class, transformers asks whether to run the
     # checkpoint's remote code (auto_map) before it loads the tokenizer.
@@ -197,13 +206,21 @@ def patch_utils(module):
         if model_type not in MODEL_MODULES:
             return load_tokenizer(model_path, *args, **kwargs)
         _register_transformers_config(model_type)
+        defaults = getattr(model_module(config), "TOKENIZER_DEFAULTS", {})
+        builtin = defaults.get("tokenizer_type")
+        if builtin and _remote_tokenizer(Path(model_path)):
+            # The checkpoint's tokenizer is remote code that transformers has
+            # built in (Dream's DreamTokenizer is Qwen2's): load that instead.
+            args = list(args)
+            extra = dict((args.pop(0) if args else None) or {})
+            extra.update(kwargs.pop("tokenizer_config_extra", None) or {})
+            kwargs["tokenizer_config_extra"] = {"tokenizer_type": builtin, **extra}
         with warnings.catch_warnings():
             # transformers reads config.json for the tokenizer and warns
             # about keys (Dream's rope_scaling: null) that only the model uses.
             warnings.filterwarnings("ignore", message=".*rope_scaling.*deprecated")
             tokenizer = load_tokenizer(model_path, *args, **kwargs)
         # Tokens that also end an answer (TOKENIZER_DEFAULTS["eos_tokens"]).
-        defaults = getattr(model_module(config), "TOKENIZER_DEFAULTS", {})
         vocab = tokenizer.get_vocab()
         for token in defaults.get("eos_tokens", ()):
             if token in vocab:

@@ -154,10 +154,12 @@ def _relative(module: str, package: str) -> str:
     """``module`` (absolute, inside mlx_lm) as seen from ``package``."""
     here, target = package.split("."), module.split(".")
     common = 0
-    while common < min(len(here), len(target) - 1) and here[common] == target[common]:
+    while common < min(len(here), len(target)) and here[common] == target[common]:
         common += 1
     if common == 0:
         raise SeriesError(f"{module} is not inside mlx_lm")
+    # A package itself (``from mlx_lm.models import qwen2`` inside
+    # mlx_lm.models) becomes dots alone: ``from . import qwen2``.
     return "." * (len(here) - common + 1) + ".".join(target[common:])
 
 
@@ -242,8 +244,9 @@ def _regroup_imports(text: str, name: str) -> str:
     return "".join(lines[:start]) + block + "".join(lines[end:])
 
 
-def new_files(tree: Path, module):
-    renames = {}
+def new_files(tree: Path, module, renames: dict):
+    """Copy the module's ``NEW_FILES``; ``renames`` (our module -> upstream
+    module) gathers those of the earlier patches, which later ones import."""
     for dest, source, _ in getattr(module, "NEW_FILES", []):
         our = source[: -len(".py")].replace("/", ".").removesuffix(".__init__")
         renames[our] = dest[: -len(".py")].replace("/", ".").removesuffix(".__init__")
@@ -359,9 +362,10 @@ def build(pristine: Path, out: Path, do_lint=False):
         git(repo, "init", "--quiet")
         git(repo, "add", "--all")
         git(repo, "commit", "--quiet", "--no-verify", "-m", f"mlx-lm {MLX_LM_VERSION}")
+        renames = {}
         for module in modules:
             name = module.__name__
-            new_files(repo, module)
+            new_files(repo, module, renames)
             for edit in module.EDITS:
                 apply_edit(repo, name, edit)
             git(repo, "add", "--all")

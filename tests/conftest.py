@@ -1,5 +1,11 @@
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -57,3 +63,158 @@ def clean_settings(monkeypatch):
     set_command_settings()
     yield
     set_command_settings()
+
+
+# Commands as subprocesses -------------------------------------------------
+
+SETTINGS_PREFIX = "MLX_LM_LLADA_"
+BIN = Path(sys.executable).parent
+
+
+def command_line(name):
+    """The argv start of ``name`` (``mlx_lm.generate``, ``mlx_lm_llada.chat``):
+    this environment's console script, else the module through ``python -m``."""
+    if (BIN / name).exists():
+        return [str(BIN / name)]
+    package, _, sub = name.partition(".")
+    module = [package, sub] if package == "mlx_lm" else [name]
+    return [sys.executable, "-m", *module]
+
+
+def command_env(settings=None, **variables):
+    """This process's environment for a command: offline, UTF-8, with
+    ``variables``, and no diffusion settings (``MLX_LM_LLADA_*``; DISABLE is
+    kept) but ``settings``: ``{"steps": 8}`` sets ``MLX_LM_LLADA_STEPS=8``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(SETTINGS_PREFIX) or k == SETTINGS_PREFIX + "DISABLE"
+    }
+    env.update(HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    env.update(TOKENIZERS_PARALLELISM="false", COLUMNS="100")
+    env.update(variables)
+    for name, value in (settings or {}).items():
+        env[SETTINGS_PREFIX + name.upper()] = str(value)
+    return env
+
+
+def run_command(name, *args, settings=None, env=None, stdin=None, timeout=120):
+    """Run a command to its end, with ``command_env(settings)`` unless ``env``
+    is given. ``stdin`` is typed into it; without it stdin is closed, so a
+    question on the terminal fails instead of waiting."""
+    return subprocess.run(
+        command_line(name) + [str(a) for a in args],
+        env=command_env(settings) if env is None else env,
+        timeout=timeout,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+
+
+def generated_text(stdout):
+    """What ``mlx_lm.generate`` prints between its two rules, less the final
+    newline: the streamed text of the responses."""
+    pieces = stdout.split("==========\n")
+    assert len(pieces) >= 3 and pieces[1].endswith("\n"), stdout
+    return pieces[1][:-1]
+
+
+class ChatTerminal:
+    """``mlx_lm.chat`` (or ours) in a pseudo-terminal, typed into as a person
+    would; at its first prompt once constructed."""
+
+    PROMPT = "\u203a"  # mlx_lm.chat's input line
+    # The statistics line after an answer (not --visualize's canvas line).
+    END_OF_TURN = r"(\d+) tokens · [\d.]+ tok/s · prompt "
+
+    def __init__(self, name, *args, settings=None, timeout=90):
+        import pexpect
+
+        command = command_line(name)
+        self.child = pexpect.spawn(
+            command[0],
+            command[1:] + [str(a) for a in args],
+            env=command_env(settings, TERM="xterm", LINES="40"),
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=timeout,
+            dimensions=(40, 100),
+        )
+        self.child.expect(self.PROMPT)
+
+    def say(self, text):
+        """Type one turn. Returns what the terminal showed until the
+        statistics line (plain newlines) and the token count it gives."""
+        self.child.sendline(text)
+        self.child.expect(self.END_OF_TURN)
+        shown, count = self.child.before, int(self.child.match.group(1))
+        self.child.expect(self.PROMPT)
+        return shown.replace("\r\n", "\n"), count
+
+    def reset(self):
+        """Type ``r``: a new conversation."""
+        self.child.sendline("r")
+        self.child.expect("context cleared")
+        self.child.expect(self.PROMPT)
+
+    def quit(self):
+        """Type ``q``; the exit status once the command has ended."""
+        import pexpect
+
+        self.child.sendline("q")
+        self.child.expect("bye")
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        return self.child.exitstatus
+
+
+class Served:
+    """A running ``mlx_lm.server``: its base URL, process and log file."""
+
+    def __init__(self, proc, url, log):
+        self.proc, self.url, self.log = proc, url, Path(log)
+
+    def healthy(self):
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def serving(model, log, settings=None, timeout=90):
+    """``mlx_lm.server --model MODEL`` on a free port of 127.0.0.1, with
+    ``command_env(settings)``, from its first healthy answer to the block's
+    end. ``log`` gets its output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command_line("mlx_lm.server") + args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=command_env(settings),
+        )
+    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not served.healthy():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = served.log.read_text(errors="replace")[-4000:]
+                raise AssertionError(f"mlx_lm.server did not start:\n{tail}")
+            time.sleep(0.2)
+        yield served
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

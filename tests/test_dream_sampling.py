@@ -63,6 +63,38 @@ def test_temperature_and_top_k_sample_from_the_shifted_logits():
     assert tv(freq, expected(logits[-1], T)) > 0.5  # the unshifted position
 
 
+def test_top_p_is_mlx_lms_nucleus_on_the_shifted_logits():
+    model, tokenizer = dream()
+    prompt = tokenizer.encode("x")
+    logits = np.array(model(mx.array([prompt + [MASK]]))[0, -2], dtype=np.float64)
+    T, top_p = 0.7, 0.3
+    # mlx-lm's nucleus: the most probable tokens (untempered) until their
+    # mass reaches top_p, then sampled at temperature T.
+    p = softmax(logits)
+    order = np.argsort(-p)
+    kept = order[np.cumsum(p[order]) - p[order] < top_p]
+    expected = np.zeros_like(p)
+    expected[kept] = softmax(logits[kept], T)
+    counts = np.zeros_like(p)
+    for seed in range(200):
+        mx.random.seed(seed)
+        out, _ = diffusion_generate(
+            model,
+            mx.array([prompt] * 10),
+            max_new_tokens=1,
+            steps=1,
+            alg="maskgit_plus",
+            temperature=T,
+            top_p=top_p,
+        )
+        np.add.at(counts, np.array(out)[:, -1], 1)
+    freq = counts / counts.sum()
+    assert (freq[expected == 0] == 0).all()
+    # About 40 tokens kept: sampling noise at 2000 draws is about 0.06.
+    assert tv(freq, expected) < 0.15
+    assert tv(freq, softmax(logits, T)) > 0.4  # top_p ignored
+
+
 def first_committed(model, prompt, n, **params):
     steps = []
     diffusion_generate(

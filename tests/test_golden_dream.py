@@ -4,16 +4,24 @@ The model's own logits (unshifted) within 1e-4; Dream's ``diffusion_generate``
 token for token (single prompts, prompts with masks, left-padded batches);
 Fast-dLLM's Dream loops (threshold, prefix and dual cache) token for token
 with as many model calls or fewer; the demo's chat turns.
+
+With ``MLX_LM_LLADA_UPSTREAM_TREE=1`` (and ``MLX_LM_LLADA_DISABLE=1``, and
+an mlx-lm tree patched with ``patches/`` first on ``PYTHONPATH``) the same
+cases run on the patched mlx-lm alone: tests/test_patches.py does that.
 """
 
 import ast
+import os
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import case_id, golden_cases, golden_dir, load_golden
 
-from mlx_lm_llada import diffusion_generate
+if os.environ.get("MLX_LM_LLADA_UPSTREAM_TREE") == "1":
+    from mlx_lm.diffusion import diffusion_generate
+else:
+    from mlx_lm_llada import diffusion_generate
 
 FAMILY = "dream"
 FORWARD = golden_cases("forward", FAMILY)

@@ -25,7 +25,9 @@ SERIES = sorted(PATCHES.glob("[0-9][0-9][0-9][0-9]-*.patch"))
 # Upstream's tests that run on CPU without a download, and the series' own.
 UPSTREAM_TESTS = ["tests/test_models.py", "tests/test_sample_utils.py"]
 NEW_TESTS = ["tests/test_diffusion.py", "tests/test_generate.py::TestOwnGenerationLoop"]
-NEW_IDS = re.compile(r"test_diffusion\.|TestOwnGenerationLoop::|::test_llada$")
+NEW_IDS = re.compile(
+    r"test_diffusion\.|TestOwnGenerationLoop::|::test_llada$|::test_dream$"
+)
 UNREACHABLE = re.compile(
     r"connection|resolution|max retries|timed out|unreachable|proxy"
     r"|no matching distribution",
@@ -161,6 +163,44 @@ for turn in case["turns"]:
 print("\\nRESULT", json.dumps({"facts": facts == expected, "turns": turns}))
 """
 
+# Dream through the patched mlx-lm's own load and stream_generate: its
+# model_type "Dream" (MODEL_REMAPPING), <|im_end|> from its tokenizer
+# (CONFIG_TOKENS, TOKENIZER_DEFAULTS), and the stream equal to Dream's own
+# diffusion_generate (reference=True) and to Fast-dLLM's dual-cache loop (the
+# defaults), up to the first end token.
+DREAM_PROBE = """
+import json
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.diffusion import diffusion_generate
+
+golden = "tests/fixtures/golden/dream"
+with open(f"{golden}/cases.json") as f:
+    ids = json.load(f)["special_token_ids"]
+model, tokenizer = mlx_lm.load(
+    f"{golden}/tiny-eos", tokenizer_config={"trust_remote_code": False}
+)
+ends = sorted([ids["<|endoftext|>"], ids["<|im_end|>"]])
+facts = [type(model).__module__, model.args.eot_token_id]
+facts += [sorted(tokenizer.eos_token_ids)]
+expected = ["mlx_lm.models.dream", ids["<|im_end|>"], ends]
+prompt = tokenizer.encode("one two three")
+fast = dict(alg="confidence_threshold", threshold=0.9, block_length=32)
+runs = []
+for settings, params in (
+    (dict(max_tokens=24, reference=True), dict(max_new_tokens=24, steps=24)),
+    (dict(max_tokens=64), dict(max_new_tokens=64, steps=64, dual_cache=True, **fast)),
+):
+    params.setdefault("alg", "maskgit_plus")
+    stream = mlx_lm.stream_generate(model, tokenizer, prompt, **settings)
+    tokens = [r.token for r in stream]
+    canvas, _ = diffusion_generate(model, mx.array([prompt]), **params)
+    new = canvas[0, len(prompt) :].tolist()
+    end = next((i + 1 for i, t in enumerate(new) if t in ends), len(new))
+    runs.append(tokens == new[:end])
+print("\\nRESULT", json.dumps({"facts": facts == expected, "runs": runs}))
+"""
+
 
 @pytest.fixture(scope="module")
 def reviewer_runs(pristine, tmp_path_factory):
@@ -188,19 +228,21 @@ def reviewer_runs(pristine, tmp_path_factory):
         "golden": _pytest(
             patched,
             ROOT,
-            ["tests/test_golden_parity.py"],
+            ["tests/test_golden_parity.py", "tests/test_golden_dream.py"],
             work / "golden.xml",
             MLX_LM_LLADA_UPSTREAM_TREE="1",
         ),
     }
-    probe = subprocess.run(
-        [sys.executable, "-c", CHAT_PROBE],
-        cwd=ROOT,
-        env=_env(patched),
-        capture_output=True,
-        text=True,
-    )
-    results = {"chat": probe}
+    results = {
+        name: subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=ROOT,
+            env=_env(patched),
+            capture_output=True,
+            text=True,
+        )
+        for name, probe in (("chat", CHAT_PROBE), ("dream", DREAM_PROBE))
+    }
     for name, process in runs.items():
         output, _ = process.communicate(timeout=1200)
         junit = work / f"{name}.xml"
@@ -271,16 +313,28 @@ def test_upstream_tests_pass_as_before(reviewer_runs):
 def test_new_tests_pass(reviewer_runs):
     patched, output = reviewer_runs["patched"]
     new = {k: v for k, v in patched.items() if NEW_IDS.search(k)}
-    assert len(new) >= 10
+    assert len(new) >= 19
     assert set(new.values()) == {"passed"}, output[-3000:]
 
 
 def test_golden_cases_on_the_patched_mlx_lm_alone(reviewer_runs):
-    from test_golden_parity import FASTDLLM, FORWARD, SAMPLER
+    import test_golden_dream as dream
+    import test_golden_parity as llada
 
     golden, output = reviewer_runs["golden"]
-    assert list(golden.values()).count("passed") == len(FORWARD + SAMPLER + FASTDLLM)
     assert set(golden.values()) == {"passed"}, output[-3000:]
+    passed = {}
+    for name, status in golden.items():
+        module = name.split("::")[0].rsplit(".", 1)[-1]
+        passed[module] = passed.get(module, 0) + (status == "passed")
+    assert passed == {
+        "test_golden_parity": len(llada.FORWARD + llada.SAMPLER + llada.FASTDLLM),
+        # and test_sampler_cases_cover_the_reference
+        "test_golden_dream": len(
+            dream.FORWARD + dream.SAMPLER + dream.FASTDLLM + dream.CHAT
+        )
+        + 1,
+    }
 
 
 def test_golden_chat_on_the_patched_mlx_lm_alone(reviewer_runs):
@@ -291,3 +345,13 @@ def test_golden_chat_on_the_patched_mlx_lm_alone(reviewer_runs):
     result = json.loads(result.group(1))
     assert result["facts"], "special-token ids from CONFIG_TOKENS and eos_tokens"
     assert result["turns"] and all(result["turns"]), result
+
+
+def test_dream_on_the_patched_mlx_lm_alone(reviewer_runs):
+    probe = reviewer_runs["dream"]
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = re.search(r"^RESULT (.*)$", probe.stdout, re.M)
+    assert result, probe.stdout[-3000:] + probe.stderr[-3000:]
+    result = json.loads(result.group(1))
+    assert result["facts"], "the module, and <|im_end|> from CONFIG_TOKENS"
+    assert result["runs"] == [True, True], result

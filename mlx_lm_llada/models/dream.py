@@ -34,7 +34,8 @@ REFERENCE_GENERATION = {
 
 # An Instruct answer ends at <|im_end|>; its id is not in config.json.
 CONFIG_TOKENS = {"eot_token_id": "<|im_end|>"}
-TOKENIZER_DEFAULTS = {"eos_tokens": ["<|im_end|>"]}
+# The checkpoints' DreamTokenizer (remote code) is Qwen2's tokenizer.
+TOKENIZER_DEFAULTS = {"eos_tokens": ["<|im_end|>"], "tokenizer_type": "qwen2"}
 
 _REQUIRED = (
     "hidden_size",

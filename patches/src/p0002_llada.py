@@ -14,11 +14,12 @@ mlx_lm/models/llada.py is the LLaDA model (the Hugging Face layout of
 GSAI-ML/LLaDA-8B-Base and -Instruct, and LLaDA-1.5): a bidirectional
 transformer, no causal mask. Its generate_step runs the masked-diffusion
 strategy of mlx_lm/diffusion/ (settings, caches, commit rules, the loop,
-the reference-shaped API and the generate_step adapter), which fills a
-canvas of mask tokens block by block: LLaDA's reference schedule, Fast-dLLM's prefix and dual
-caches, its threshold and factor rules for parallel decoding, and early stop
-at an end token. The sampler reaches the model only through model(...),
-model.layers and model.diffusion.
+the reference-shaped API, the generate_step adapter and the model base
+that a diffusion model file inherits), which fills a canvas of mask
+tokens block by block: LLaDA's reference schedule, Fast-dLLM's prefix
+and dual caches, its threshold and factor rules for parallel decoding,
+and early stop at an end token. The sampler reaches the model only
+through model(...), model.layers and model.diffusion.
 
 make_prompt_cache(model) gives a token cache (the conversation's tokens):
 keys computed for one turn go stale when bidirectional attention sees the
@@ -64,6 +65,11 @@ NEW_FILES = [
     (
         "mlx_lm/diffusion/mlx_lm_adapter.py",
         "mlx_lm_llada/diffusion/mlx_lm_adapter.py",
+        "mlx_lm.diffusion",
+    ),
+    (
+        "mlx_lm/diffusion/model_base.py",
+        "mlx_lm_llada/diffusion/model_base.py",
         "mlx_lm.diffusion",
     ),
     ("mlx_lm/models/llada.py", "mlx_lm_llada/models/llada.py", "mlx_lm.models"),
