@@ -1,14 +1,16 @@
 """Diffusion decoding modes against mlx-lm's autoregressive decoding, one run.
 
-For one model geometry it measures, on this machine and in this process:
+For one model geometry (a LLaDA or a Dream shape) it measures, on this
+machine and in this process:
 
 - the reference schedule (one full pass per step), Fast-dLLM's prefix cache,
   dual cache, and dual cache with threshold 0.9: tokens per second, model
   calls per token and peak memory;
 - the cost of one step of each kind (full pass, prefix step, dual step)
   against the full pass;
-- mlx-lm's own autoregressive decoding (``generate_step``) of a llama model of
-  the same width, depth, vocabulary and dtype, generating as many tokens.
+- mlx-lm's own autoregressive decoding (``generate_step``) of the model it
+  descends from (a llama for LLaDA, a Qwen2 for Dream) of the same width,
+  depth, vocabulary and dtype, generating as many tokens.
 
 Run it with OpenBLAS preloaded on Linux (see benchmarks/README.md).
 """
@@ -16,6 +18,7 @@ Run it with OpenBLAS preloaded on Linux (see benchmarks/README.md).
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -27,21 +30,40 @@ import numpy as np
 
 from mlx_lm_llada import diffusion_generate
 
-GEOMETRIES = {
-    # LLaDA-8B's shape (4096 wide, 32 layers) scaled to a 2-core CPU, with the
-    # full 126,464-row vocabulary.
-    "llada-8b-scaled": dict(
-        d_model=1024, n_layers=8, n_heads=8, mlp_hidden_size=3072, vocab=126464
-    ),
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=160, vocab=512),
+# The canvas in each family's diffusion_generate arguments: n tokens in
+# blocks of b, one step per token.
+CANVAS = {
+    "LLaDA": lambda n, b: dict(steps=n, gen_length=n, block_length=b),
+    "Dream": lambda n, b: dict(steps=n, max_new_tokens=n, block_length=b),
 }
 
+# Each decoding mode in the family's diffusion_generate arguments.
 MODES = {
-    "reference": dict(cache="none"),
-    "prefix cache": dict(cache="prefix"),
-    "dual cache": dict(cache="dual"),
-    "dual cache + threshold 0.9": dict(cache="dual", threshold=0.9),
+    "LLaDA": {
+        "reference": dict(cache="none"),
+        "prefix cache": dict(cache="prefix"),
+        "dual cache": dict(cache="dual"),
+        "dual cache + threshold 0.9": dict(cache="dual", threshold=0.9),
+    },
+    # Dream's own loop has no blocks: the whole canvas at once, on the
+    # timestep schedule (entropy ranking, as Dream's examples). Fast-dLLM's
+    # Dream loops decode it in blocks, with a prefix or a dual cache.
+    "Dream": {
+        "reference": dict(alg="entropy", block_length=None),
+        "prefix cache": dict(alg="entropy"),
+        "dual cache": dict(alg="entropy", dual_cache=True),
+        "dual cache + threshold 0.9": dict(
+            alg="confidence_threshold", threshold=0.9, dual_cache=True
+        ),
+    },
 }
+
+
+def generate(model, prompt, gen_length, block_length, mode, **kwargs):
+    """``diffusion_generate`` in ``mode``, in the model family's arguments."""
+    family = model.diffusion.family
+    params = {**CANVAS[family](gen_length, block_length), **MODES[family][mode]}
+    return diffusion_generate(model, prompt, **params, **kwargs)
 
 
 def llada_model(g, dtype, bits):
@@ -64,18 +86,44 @@ def llada_model(g, dtype, bits):
 def llama_model(g, dtype, bits):
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(
-        model_type="llama",
+    return _hf_model(llama, g, dtype, bits, rms_norm_eps=1e-5, rope_theta=500000.0)
+
+
+def qwen2_model(g, dtype, bits):
+    from mlx_lm.models import qwen2
+
+    return _hf_model(qwen2, g, dtype, bits, rms_norm_eps=1e-6, rope_theta=1e6)
+
+
+def dream_model(g, dtype, bits):
+    from mlx_lm_llada.models import dream
+
+    return _hf_model(
+        dream,
+        g,
+        dtype,
+        bits,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        mask_token_id=g["vocab"] - 128,
+        eos_token_id=g["vocab"] - 127,
+    )
+
+
+def _hf_model(module, g, dtype, bits, **args):
+    """``module``'s Model (Hugging Face argument names) of the shape ``g``."""
+    args = module.ModelArgs(
+        model_type=module.__name__.rsplit(".", 1)[-1],
         hidden_size=g["d_model"],
         num_hidden_layers=g["n_layers"],
         intermediate_size=g["mlp_hidden_size"],
         num_attention_heads=g["n_heads"],
-        rms_norm_eps=1e-5,
+        num_key_value_heads=g.get("n_kv_heads", g["n_heads"]),
         vocab_size=g["vocab"],
-        rope_theta=500000.0,
         tie_word_embeddings=False,
+        **args,
     )
-    return _finish(llama.Model(args), dtype, bits)
+    return _finish(module.Model(args), dtype, bits)
 
 
 def _finish(model, dtype, bits):
@@ -84,6 +132,39 @@ def _finish(model, dtype, bits):
         nn.quantize(model, group_size=64, bits=bits)
     mx.eval(model.parameters())
     return model
+
+
+# A family: its diffusion model, its autoregressive baseline (the model it
+# descends from) and its token embedding; each of them built from a shape.
+LLADA = dict(
+    model=llada_model,
+    autoregressive=llama_model,
+    embedding=lambda model: model.model.transformer.wte,
+)
+DREAM = dict(
+    model=dream_model,
+    autoregressive=qwen2_model,
+    embedding=lambda model: model.model.embed_tokens,
+)
+
+
+def shape(d_model, n_layers, n_heads, mlp_hidden_size, vocab, n_kv_heads=None):
+    """A geometry's shape, in these names (``n_kv_heads`` None: one per head)."""
+    given = dict(locals())
+    return {k: v for k, v in given.items() if v is not None}
+
+
+GEOMETRIES = {
+    # LLaDA-8B's shape (4096 wide, 32 layers) scaled to a 2-core CPU, with the
+    # full 126,464-row vocabulary.
+    "llada-8b-scaled": dict(LLADA, shape=shape(1024, 8, 8, 3072, 126464)),
+    # Dream-7B's (Qwen2.5-7B's: 3584 wide, 28 layers, 28 heads of 128, 4 KV
+    # heads, MLP 18944) scaled the same way, by 4 but for the full 152,064-row
+    # vocabulary; q/k/v biases, as Qwen2.
+    "dream-7b-scaled": dict(DREAM, shape=shape(896, 7, 7, 4736, 152064, n_kv_heads=1)),
+    "tiny": dict(LLADA, shape=shape(64, 2, 4, 160, 512)),
+    "tiny-dream": dict(DREAM, shape=shape(64, 2, 4, 160, 512, n_kv_heads=2)),
+}
 
 
 def _peak_reset():
@@ -98,16 +179,21 @@ def tokens_before_end(canvas, prompt_length, end_ids):
 
 
 def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_stop):
-    """Decode ``blocks`` blocks of the canvas; tokens counted before the end."""
+    """Decode until ``blocks`` blocks' worth of canvas tokens are committed (a
+    block loop: the first ``blocks`` blocks; Dream's reference, one block the
+    size of the canvas: its first commits, wherever they are); tokens counted
+    before the end."""
     P = prompt.shape[1]
     calls = []
+    committed = []
 
     class Stop(Exception):
         pass
 
     def on_step(step):
         calls.append(step.nfe)
-        if (step.canvas[0, P : P + blocks * block_length] != mask_id).all():
+        committed.append(int((step.canvas[0, P:] != mask_id).sum()))
+        if committed[-1] >= blocks * block_length:
             raise Stop
 
     mask_id = model.diffusion.mask_token_id
@@ -115,22 +201,20 @@ def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_s
     tic = time.perf_counter()
     canvas = None
     try:
-        canvas, nfe = diffusion_generate(
+        canvas, nfe = generate(
             model,
             prompt,
-            steps=gen_length,
-            gen_length=gen_length,
-            block_length=block_length,
+            gen_length,
+            block_length,
+            mode,
             early_stop=early_stop,
             on_step=on_step,
-            **MODES[mode],
         )
     except Stop:
         nfe = calls[-1]
     seconds = time.perf_counter() - tic
     peak = mx.get_peak_memory() / 1e9
-    filled = blocks * block_length if canvas is None else gen_length
-    tokens = filled
+    tokens = committed[-1]
     if canvas is not None:
         tokens = tokens_before_end(canvas, P, model.diffusion.end_token_ids)
     return dict(
@@ -176,7 +260,7 @@ def time_call(fn, repeat=3):
     return best
 
 
-def step_costs(model, llama, prompt, gen_length, block_length, repeat=3):
+def step_costs(model, ar_model, embedding, prompt, gen_length, block_length, repeat=3):
     """Seconds for one call of each kind, at the first block of the canvas."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -207,19 +291,18 @@ def step_costs(model, llama, prompt, gen_length, block_length, repeat=3):
     def dual_no_head():
         for c in caches:
             c.offset = P
-        t = model.model.transformer
-        h = t.wte(x[:, P : P + block_length])
-        for b, c in zip(t.blocks, caches):
+        h = embedding(model)(x[:, P : P + block_length])
+        for b, c in zip(model.layers, caches):
             h = b(h, None, c)
         mx.eval(h)
 
-    ar_cache = make_prompt_cache(llama)
-    mx.eval(llama(prompt[:, :-1], cache=ar_cache))
+    ar_cache = make_prompt_cache(ar_model)
+    mx.eval(ar_model(prompt[:, :-1], cache=ar_cache))
 
     def ar_step():
         for c in ar_cache:
             c.trim(c.offset - (P - 1))
-        mx.eval(llama(prompt[:, -1:], cache=ar_cache))
+        mx.eval(ar_model(prompt[:, -1:], cache=ar_cache))
 
     costs = {
         "full pass": time_call(full, repeat),
@@ -275,20 +358,14 @@ def run_trained(path, problems, gen_length, block_length, dtype):
         for q in questions
     ]
     rows = []
-    for mode, kwargs in MODES.items():
+    for mode in MODES[model.diffusion.family]:
         for early_stop in (True, False):
             tokens = calls = correct = 0
             _peak_reset()
             tic = time.perf_counter()
             for q, prompt in zip(questions, prompts):
-                canvas, nfe = diffusion_generate(
-                    model,
-                    prompt,
-                    steps=gen_length,
-                    gen_length=gen_length,
-                    block_length=block_length,
-                    early_stop=early_stop,
-                    **kwargs,
+                canvas, nfe = generate(
+                    model, prompt, gen_length, block_length, mode, early_stop=early_stop
                 )
                 P = prompt.shape[1]
                 n = tokens_before_end(canvas, P, end_ids)
@@ -351,16 +428,10 @@ def run_early_stop(path, gen_length, block_length, prompt_text="hello"):
     )
     rows = []
     for early_stop in (False, True):
-        for mode, kwargs in MODES.items():
+        for mode in MODES[model.diffusion.family]:
             tic = time.perf_counter()
-            canvas, nfe = diffusion_generate(
-                model,
-                prompt,
-                steps=gen_length,
-                gen_length=gen_length,
-                block_length=block_length,
-                early_stop=early_stop,
-                **kwargs,
+            canvas, nfe = generate(
+                model, prompt, gen_length, block_length, mode, early_stop=early_stop
             )
             seconds = time.perf_counter() - tic
             n = tokens_before_end(
@@ -412,7 +483,12 @@ def plot(results, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--geometry", choices=GEOMETRIES, default="llada-8b-scaled")
+    parser.add_argument(
+        "--geometry",
+        choices=GEOMETRIES,
+        default="llada-8b-scaled",
+        help="a random-weight shape; it names the family (LLaDA or Dream)",
+    )
     parser.add_argument(
         "--model", type=Path, help="a trained checkpoint instead of a geometry"
     )
@@ -431,7 +507,14 @@ def main():
         "--blocks",
         type=int,
         default=1,
-        help="blocks of the canvas to decode per mode (each block costs alike)",
+        help="blocks of the canvas to decode per mode (each block costs alike; "
+        "a loop without blocks, as Dream's reference: as many tokens)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES["LLaDA"],
+        help="with --geometry: only these decoding modes (default: all)",
     )
     parser.add_argument(
         "--step-costs-only",
@@ -457,6 +540,7 @@ def main():
         return
 
     mx.random.seed(0)
+    load_start = os.getloadavg()
     dtype = getattr(mx, args.dtype)
     if args.model is not None and args.early_stop:
         rows = run_early_stop(args.model, args.gen_length, args.block_length)
@@ -469,12 +553,14 @@ def main():
         costs = None
         title = f"trained {args.model.name}, {args.dtype}, canvas {args.gen_length}"
     else:
-        g = GEOMETRIES[args.geometry]
-        model = llada_model(g, dtype, args.bits)
-        llama = llama_model(g, dtype, args.bits)
+        geometry = GEOMETRIES[args.geometry]
+        g = geometry["shape"]
+        model = geometry["model"](g, dtype, args.bits)
+        ar_model = geometry["autoregressive"](g, dtype, args.bits)
         prompt = mx.random.randint(0, g["vocab"] - 256, (1, args.prompt_length))
         rows = []
-        for mode in [] if args.step_costs_only else MODES:
+        modes = args.modes or MODES[model.diffusion.family]
+        for mode in [] if args.step_costs_only else modes:
             rows.append(
                 run_diffusion(
                     model,
@@ -488,10 +574,16 @@ def main():
             )
             print(json.dumps(rows[-1]), flush=True)
         if rows:
-            rows.append(run_autoregressive(llama, prompt, rows[0]["tokens"]))
+            rows.append(run_autoregressive(ar_model, prompt, rows[0]["tokens"]))
             print(json.dumps(rows[-1]), flush=True)
         costs = step_costs(
-            model, llama, prompt, args.gen_length, args.block_length, args.repeat
+            model,
+            ar_model,
+            geometry["embedding"],
+            prompt,
+            args.gen_length,
+            args.block_length,
+            args.repeat,
         )
         print(json.dumps(costs), flush=True)
         bits = f"{args.bits}-bit" if args.bits else args.dtype
@@ -508,6 +600,9 @@ def main():
         device=str(mx.default_device()),
         rows=rows,
         step_costs=costs,
+        # 1-, 5- and 15-minute load averages (os.getloadavg) when the run
+        # started and ended: other work on the machine slows every number.
+        load_average=dict(start=load_start, end=os.getloadavg()),
     )
     args.out.write_text(json.dumps(result, indent=2))
 

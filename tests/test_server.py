@@ -426,10 +426,10 @@ def test_server_still_serves_after_the_errors(client, server):
 
 
 def test_readme_examples(server, capsys):
-    # The "Serve a LLaDA model" section: this module's server, then the
+    # The "Serve a diffusion model" section: this module's server, then the
     # curl and openai examples against it.
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Serve a LLaDA model\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split("\n## Serve a diffusion model\n", 1)[1].split("\n## ", 1)[0]
     (_, serve), (_, curl), (_, python) = re.findall(
         r"```(\w+)\n(.*?)```", section, re.S
     )
