@@ -88,6 +88,7 @@ def denoise(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     early_stop: bool = False,
     spec: Optional[DiffusionSpec] = None,
+    template: Optional[np.ndarray] = None,
 ) -> Iterator[Step]:
     """Fill ``gen_length`` masks after ``prompt`` [B, P]; yield after each call.
 
@@ -97,9 +98,13 @@ def denoise(
     commits some of them (:mod:`.commit_rules`). Committed tokens are never
     masked again. Masks inside the prompt are filled too, as the references
     do, when every call sees the whole sequence (no cache).
+
+    ``template`` [B, P + gen_length], if given, is the canvas to start from:
+    its masks are the gaps to fill, its other tokens stay as they are (the
+    blocks are laid from P as usual; the last one may be shorter).
     """
     spec = spec or model.diffusion
-    settings.check(gen_length)
+    settings.check(gen_length, whole_blocks=template is None)
     mask_id = spec.mask_token_id
     shift = spec.logits_shift
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
@@ -112,10 +117,14 @@ def denoise(
     end_ids = np.array(spec.end_token_ids, dtype=np.int64)
     zero_conf_ids = list(spec.end_token_ids) if settings.confidence_eos_eot_inf else []
 
-    x = np.full((B, T), mask_id, dtype=np.int64)
-    x[:, :P] = np.array(prompt, dtype=np.int64)
-    prompt_index = np.zeros((B, T), dtype=bool)
-    prompt_index[:, :P] = x[:, :P] != mask_id
+    if template is None:
+        x = np.full((B, T), mask_id, dtype=np.int64)
+        x[:, :P] = np.array(prompt, dtype=np.int64)
+    else:
+        x = np.array(template, dtype=np.int64).reshape(B, T)
+    # What classifier-free guidance hides: every token that is not a gap.
+    prompt_index = x != mask_id
+    gaps = [gap_spans(row[P:] == mask_id) for row in x]
     if attention_mask is not None:
         attention_mask = mx.concatenate(
             [attention_mask, mx.ones((B, gen_length), attention_mask.dtype)], axis=1
@@ -152,9 +161,9 @@ def denoise(
 
     nfe = 0
     finished = False
-    for b in range(gen_length // block_length):
+    for b in range(settings.blocks(gen_length)):
         bs = P + b * block_length
-        be = bs + block_length
+        be = min(bs + block_length, T)
         # Without a cache every call sees the whole sequence, so masks left
         # of the block (in the prompt) are candidates too.
         lo = 0 if caches is None else bs
@@ -229,9 +238,18 @@ def denoise(
             step += 1
 
             if early_stop and len(end_ids):
-                finished = all(_ended(row[P:], mask_id, end_ids) for row in x)
+                # Early: masks are left in the gaps, none in the prompt.
+                finished = (
+                    (x[:, P:] == mask_id).any()
+                    and not (x[:, :P] == mask_id).any()
+                    and all(
+                        _ended(row[P:][a:e], mask_id, end_ids)
+                        for row, spans in zip(x, gaps)
+                        for a, e in spans
+                    )
+                )
                 if finished:
-                    # The rest of the canvas is the end padding.
+                    # The rest of each gap is the end padding.
                     gen = x[:, P:]
                     gen[gen == mask_id] = eos if eos is not None else end_ids[0]
             yield Step(
@@ -252,7 +270,15 @@ def denoise(
 
 
 def _ended(gen: np.ndarray, mask_id: int, end_ids: np.ndarray) -> bool:
-    """True once an end token is committed with everything before it."""
+    """True once ``gen`` (one gap) is filled, or an end token is committed
+    with everything before it."""
     masks = np.flatnonzero(gen == mask_id)
-    first_mask = masks[0] if len(masks) else len(gen)
-    return bool(np.isin(gen[:first_mask], end_ids).any())
+    if not len(masks):
+        return True
+    return bool(np.isin(gen[: masks[0]], end_ids).any())
+
+
+def gap_spans(masked: np.ndarray) -> List[tuple]:
+    """The runs of masks: ``(start, end)`` of each gap."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], masked, [0]]).astype(int)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

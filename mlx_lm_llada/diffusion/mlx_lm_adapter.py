@@ -3,13 +3,13 @@
 ``stream_generate``, ``generate``, ``mlx_lm.chat`` and ``mlx_lm.server`` run
 the denoising loop and receive its tokens in order."""
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .caches import ContextCache
-from .loop import Step, denoise
+from .loop import Step, denoise, gap_spans
 from .reference_api import check_length
 from .settings import DiffusionSpec, resolve_settings
 
@@ -31,6 +31,7 @@ def stream_diffusion(
     kv_group_size=None,
     quantized_kv_start=None,
     on_step: Optional[Callable[[Step], None]] = None,
+    template: Optional[List[Union[int, List[int]]]] = None,
     **settings,
 ):
     """mlx-lm's ``generate_step`` contract for a diffusion model.
@@ -41,6 +42,12 @@ def stream_diffusion(
     complete prefix. ``prompt_cache`` (from ``model.make_cache()``) holds the
     conversation: the prompt is appended to it (without a repeated BOS) and
     each yielded token except EOS is added.
+
+    ``template`` lays out the canvas after the prompt, for fill-in-the-middle:
+    gap lengths (ints) and fixed token ids (lists), e.g. ``[32, suffix_ids]``.
+    Only the gaps are filled; their tokens are yielded in order, a gap that
+    ends early with an end token is skipped past (the end token is yielded
+    only in the last gap), and fixed tokens are never yielded.
     """
     if logits_processors:
         raise ValueError(
@@ -63,8 +70,13 @@ def stream_diffusion(
     spec = model.diffusion
     config = resolve_settings(spec, settings)
     config.check_values()
-    block_length = config.block_size(max_tokens)
-    gen_length = -(-max_tokens // block_length) * block_length
+    if template is None:
+        block_length = config.block_size(max_tokens)
+        gen_length = -(-max_tokens // block_length) * block_length
+        tail = None
+    else:
+        tail = template_tail(template, spec.mask_token_id)
+        gen_length = len(tail)
 
     context_cache = _context_cache(prompt_cache)
     given = [int(t) for t in np.array(prompt).reshape(-1)]
@@ -82,9 +94,14 @@ def stream_diffusion(
     if prompt_progress_callback is not None:
         prompt_progress_callback(0, P)
 
+    # The positions whose tokens are yielded, in order, gap by gap.
+    if tail is None:
+        gaps = [list(range(P, P + max_tokens))]
+    else:
+        spans = gap_spans(np.array(tail) == spec.mask_token_id)
+        gaps = [[P + i for i in range(a, e)] for a, e in spans]
     end_ids = set(spec.end_token_ids)
     pending = {}
-    ptr = 0
     with mx.stream(stream or mx.default_stream(mx.default_device())):
         steps = denoise(
             model,
@@ -94,6 +111,7 @@ def stream_diffusion(
             sampler=sampler,
             early_stop=True,
             spec=spec,
+            template=None if tail is None else np.array([prompt + tail]),
         )
         for st in steps:
             if on_step is not None:
@@ -104,15 +122,51 @@ def stream_diffusion(
             for pos in st.committed[0]:
                 pending[int(pos)] = st.logprobs[0, rows[int(pos)]]
             row = st.canvas[0]
-            while ptr < max_tokens and P + ptr in pending:
-                token = int(row[P + ptr])
-                logprobs = pending.pop(P + ptr)
-                ptr += 1
+            while gaps and gaps[0][0] in pending:
+                pos = gaps[0].pop(0)
+                token = int(row[pos])
+                logprobs = pending.pop(pos)
+                ended = token in end_ids
+                if ended and len(gaps) > 1:
+                    gaps.pop(0)  # the rest of this gap is end padding
+                    continue
+                if not gaps[0]:
+                    gaps.pop(0)
                 if context_cache is not None:
                     context_cache.tokens.append(token)
                 yield token, logprobs
-                if token in end_ids or ptr == max_tokens:
+                if ended or not gaps:
                     return
+
+
+def template_tail(template, mask_id: int) -> List[int]:
+    """The canvas after the prompt from a template of gap lengths (ints) and
+    fixed token ids (lists); a gap is a run of mask tokens."""
+    if not isinstance(template, (list, tuple)) or not template:
+        raise ValueError("template must be a list of gap lengths and token lists")
+    tail = []
+    for part in template:
+        if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+            if part <= 0:
+                raise ValueError(f"A gap's length must be positive, got {part}")
+            tail += [mask_id] * int(part)
+        elif isinstance(part, (list, tuple)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in part
+        ):
+            if mask_id in part:
+                raise ValueError(
+                    f"Fixed text contains the mask token ({mask_id}): write a "
+                    "gap as a length instead"
+                )
+            tail += [int(t) for t in part]
+        else:
+            raise ValueError(
+                f"A template part is a gap length (int) or token ids (list), "
+                f"got {part!r}"
+            )
+    if mask_id not in tail:
+        raise ValueError("The template has no gap to fill")
+    return tail
 
 
 def _conversation(tokens: List[int], spec: DiffusionSpec) -> List[int]:

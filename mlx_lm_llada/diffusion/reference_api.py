@@ -114,6 +114,7 @@ def diffusion_generate(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     early_stop: bool = False,
     on_step: Optional[Callable[[Step], None]] = None,
+    template: Optional[mx.array] = None,
     **params: Any,
 ) -> Tuple[mx.array, int]:
     """Generate as the model family's reference code does, with its arguments.
@@ -127,6 +128,9 @@ def diffusion_generate(
         early_stop: Stop once every row has an end token with everything
             before it committed; the rest is filled with EOS.
         on_step: Called with a :class:`Step` after each model call.
+        template: The canvas to start from, ``[B, P + gen_length]``: the
+            prompt, then fixed tokens and gaps of mask tokens, which alone are
+            filled (fill-in-the-middle, edits).
         params: The family's own arguments. LLaDA: ``steps``, ``gen_length``,
             ``block_length``, ``temperature``, ``cfg_scale``, ``remasking``,
             ``mask_id``, ``logits_eos_inf``, ``confidence_eos_eot_inf`` and
@@ -158,6 +162,8 @@ def diffusion_generate(
     check_length(spec, prompt.shape[1], gen_length)
     if attention_mask is not None:
         check_left_padding(attention_mask, prompt.shape)
+    if template is not None:
+        template = check_template(template, prompt, gen_length, spec.mask_token_id)
     last = None
     for last in denoise(
         model,
@@ -168,6 +174,7 @@ def diffusion_generate(
         sampler=sampler,
         early_stop=early_stop,
         spec=spec,
+        template=template,
     ):
         if on_step is not None:
             on_step(last)
@@ -198,6 +205,27 @@ def check_left_padding(attention_mask: mx.array, shape):
         raise ValueError(
             "attention_mask must pad on the left: zeros, then ones to the end"
         )
+
+
+def check_template(template, prompt: mx.array, gen_length: int, mask_id: int):
+    """A template: ``[B, P + gen_length]``, the prompt first, then at least
+    one gap of mask tokens."""
+    template = np.array(template, dtype=np.int64)
+    B, P = prompt.shape
+    if template.ndim == 1:
+        template = template[None]
+    if template.shape != (B, P + gen_length):
+        raise ValueError(
+            f"template has shape {template.shape}: expected {(B, P + gen_length)} "
+            f"(the prompt's {P} tokens, then the {gen_length} to generate)"
+        )
+    if (template[:, :P] != np.array(prompt)).any():
+        raise ValueError("template must begin with the prompt")
+    if not (template[:, P:] == mask_id).any(axis=1).all():
+        raise ValueError(
+            f"template has no gap to fill: mark gaps with the mask token ({mask_id})"
+        )
+    return template
 
 
 def check_length(spec: DiffusionSpec, prompt_length: int, gen_length: int):

@@ -169,20 +169,23 @@ class DiffusionSettings:
     def block_size(self, gen_length: int) -> int:
         return gen_length if self.block_length is None else self.block_length
 
-    def check(self, gen_length: int):
-        """Raise a ValueError naming the first impossible setting."""
+    def check(self, gen_length: int, whole_blocks: bool = True):
+        """Raise a ValueError naming the first impossible setting.
+
+        ``whole_blocks=False`` (a canvas from a template) lets the last block
+        be shorter than the others."""
         self.check_values()
         if gen_length <= 0:
             raise ValueError(f"gen_length must be positive, got {gen_length}")
         block_length = self.block_size(gen_length)
-        if gen_length % block_length:
+        if whole_blocks and gen_length % block_length:
             raise ValueError(
                 f"gen_length ({gen_length}) must be a multiple of "
                 f"block_length ({block_length})"
             )
-        blocks = gen_length // block_length
+        blocks = self.blocks(gen_length)
         if self.fixed_count or self.capped_threshold:
-            steps = self.steps if self.steps is not None else gen_length
+            steps = self.steps if self.steps is not None else blocks * block_length
             if steps < blocks:
                 raise ValueError(
                     f"steps ({steps}) is smaller than the number of blocks "
@@ -194,9 +197,13 @@ class DiffusionSettings:
                     f"({blocks})"
                 )
 
+    def blocks(self, gen_length: int) -> int:
+        return -(-gen_length // self.block_size(gen_length))
+
     def steps_per_block(self, gen_length: int) -> int:
-        steps = self.steps if self.steps is not None else gen_length
-        return steps // (gen_length // self.block_size(gen_length))
+        if self.steps is None:
+            return self.block_size(gen_length)
+        return self.steps // self.blocks(gen_length)
 
 
 def parse_setting(name: str, value):
