@@ -4,6 +4,8 @@ import argparse
 import functools
 
 from .diffusion import CACHE_MODES, REMASKING, SCHEDULES
+from .infill import parse_gaps, template
+from .mlx_lm_patches import has_own_generation
 from .plugin_settings import set_command_settings
 from .visualize import watch_command
 
@@ -80,8 +82,62 @@ def add_watch_flags(parser: argparse.ArgumentParser):
     return parser
 
 
-def run_with_diffusion_flags(module):
-    """Run ``module.main()`` (an mlx-lm command) with our flags added."""
+def add_infill_flags(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group(
+        "fill in the middle",
+        "A gap inside --prompt is written {{fill}} (--max-tokens tokens) or "
+        "{{fill:N}} (N tokens); the output is the fill. The prompt is then "
+        "raw text: no chat template is applied.",
+    )
+    group.add_argument(
+        "--suffix",
+        metavar="TEXT",
+        help="Fixed text after the generated tokens: fill the gap between the "
+        "prompt and it",
+    )
+    return parser
+
+
+def fill_in_the_middle(module, ns):
+    """Turn --suffix and the prompt's gaps into the model loop's template.
+
+    Returns an undo function, or None when the command fills no gap."""
+    prompt = ns.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    segments = parse_gaps(prompt, ns.max_tokens)
+    if ns.suffix is not None:
+        suffix = ns.suffix.replace("\\n", "\n").replace("\\t", "\t")
+        if len(segments) == 1:
+            segments += [ns.max_tokens, suffix]
+        else:
+            segments[-1] += suffix
+    if len(segments) == 1:
+        return None
+    generate = module.generate
+
+    @functools.wraps(generate)
+    def filling_generate(model, tokenizer, prompt, *args, **kwargs):
+        if not has_own_generation(model):
+            raise SystemExit(
+                "Fill in the middle (--suffix, {{fill}}) needs a diffusion "
+                "model: an autoregressive model can only continue."
+            )
+        _, layout = template(tokenizer, segments)
+        return generate(model, tokenizer, prompt, *args, template=layout, **kwargs)
+
+    ns.prompt = segments[0]
+    ns.ignore_chat_template = True
+    ns.max_tokens = sum(s for s in segments if isinstance(s, int))
+    module.generate = filling_generate
+
+    def undo():
+        module.generate = generate
+
+    return undo
+
+
+def run_with_diffusion_flags(module, infill=False):
+    """Run ``module.main()`` (an mlx-lm command) with our flags added
+    (``infill``: and the fill-in-the-middle ones, for ``generate``)."""
     setup_arg_parser = module.setup_arg_parser
     names = list(FLAGS) + list(BOOL_FLAGS)
     undo = []
@@ -89,6 +145,8 @@ def run_with_diffusion_flags(module):
     @functools.wraps(setup_arg_parser)
     def extended_parser():
         parser = add_watch_flags(add_diffusion_flags(setup_arg_parser()))
+        if infill:
+            add_infill_flags(parser)
         parse_args = parser.parse_args
 
         def parse_and_install(*args, **kwargs):
@@ -100,6 +158,9 @@ def run_with_diffusion_flags(module):
             try:
                 set_command_settings(**given)
                 undo.append(watch_command(module, **watch))
+                if infill:
+                    undo.append(fill_in_the_middle(module, ns) or (lambda: None))
+                    delattr(ns, "suffix")
             except (ValueError, OSError) as e:
                 parser.error(str(e))
             return ns

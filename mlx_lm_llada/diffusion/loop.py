@@ -239,7 +239,7 @@ def denoise(
 
             if early_stop and len(end_ids):
                 # Early: masks are left in the gaps, none in the prompt.
-                finished = (
+                finished = bool(
                     (x[:, P:] == mask_id).any()
                     and not (x[:, :P] == mask_id).any()
                     and all(
