@@ -259,6 +259,8 @@ def patch_causal_only(module):
 
 # The request body's field that carries a diffusion model's settings.
 REQUEST_SETTINGS_FIELD = "diffusion"
+# The text completion's field (OpenAI's) of the text after the completion.
+REQUEST_SUFFIX_FIELD = "suffix"
 
 
 class _RequestFailed(BaseException):
@@ -279,17 +281,40 @@ def _request_settings(settings):
     return settings
 
 
+def _request_template(request, tokenizer, max_tokens):
+    """The canvas after the prompt for a request's ``suffix``: a gap of
+    ``max_tokens`` masks, then the suffix's tokens; None without a suffix."""
+    suffix = getattr(request, "model_suffix", None)
+    if suffix is None or suffix == "":
+        return None
+    field = f'request\'s "{REQUEST_SUFFIX_FIELD}"'
+    if request.request_type != "text":
+        raise ValueError(
+            f"The {field} is for text completions (/v1/completions): a chat "
+            "completion has no text after its answer"
+        )
+    if not isinstance(suffix, str):
+        raise ValueError(f"The {field} must be a string: {suffix!r}")
+    # As the server encodes the prompt, but the suffix continues the text:
+    # no BOS or other special tokens of its own.
+    suffix_ids = tokenizer.encode(suffix, add_special_tokens=False)
+    return [max_tokens, suffix_ids] if suffix_ids else None
+
+
 def patch_server(module):
     """Serve models that bring their own generation loop.
 
     The request's ``diffusion`` object reaches the model's loop as settings,
-    and an error before the first token (a bad setting, a prompt too long for
-    the model) is answered with a status and a JSON error, not a dropped
-    connection or a broken stream. Other models are served as before.
+    and a text completion's ``suffix`` as the canvas after the prompt (a gap
+    of ``max_tokens`` masks, then the suffix): the answer is the fill alone.
+    An error before the first token (a bad setting or suffix, a prompt too
+    long for the model) is answered with a status and a JSON error, not a
+    dropped connection or a broken stream. Other models are served as before
+    (mlx-lm ignores ``suffix``).
     """
     if getattr(module, "_mlx_lm_llada_patched", False):
         return
-    request_settings = threading.local()
+    serving = threading.local()
     handle_completion = module.APIHandler.handle_completion
     generate = module.ResponseGenerator.generate
     serve_single = module.ResponseGenerator._serve_single
@@ -298,6 +323,7 @@ def patch_server(module):
     @functools.wraps(handle_completion)
     def answering_handle_completion(self, request, stop_words):
         request.model_settings = self.body.get(REQUEST_SETTINGS_FIELD)
+        request.model_suffix = self.body.get(REQUEST_SUFFIX_FIELD)
         try:
             return handle_completion(self, request, stop_words)
         except _RequestFailed as failure:
@@ -343,17 +369,24 @@ def patch_server(module):
 
     @functools.wraps(serve_single)
     def serve_single_with_settings(self, request, stream):
-        request_settings.value = getattr(request[1], "model_settings", None)
+        serving.request = request[1]
         try:
             return serve_single(self, request, stream)
         finally:
-            request_settings.value = None
+            serving.request = None
 
     @functools.wraps(stream_generate)
     def stream_generate_with_settings(model, *args, **kwargs):
-        settings = getattr(request_settings, "value", None)
-        if settings is not None and has_own_generation(model):
+        request = getattr(serving, "request", None)
+        if request is None or not has_own_generation(model):
+            return stream_generate(model, *args, **kwargs)
+        settings = getattr(request, "model_settings", None)
+        if settings is not None:
             kwargs.update(_request_settings(settings))
+        tokenizer = kwargs["tokenizer"] if "tokenizer" in kwargs else args[0]
+        template = _request_template(request, tokenizer, kwargs.get("max_tokens"))
+        if template is not None:
+            kwargs["template"] = template
         return stream_generate(model, *args, **kwargs)
 
     module.APIHandler.handle_completion = answering_handle_completion

@@ -9,6 +9,11 @@ a :class:`~mlx_lm_llada.diffusion.Step` after every model call):
   writes a self-contained HTML page that replays the fill (``--trace-html``).
 - :func:`watch_command` installs them in one of mlx-lm's commands.
 
+A fill in the middle starts from a canvas whose generated region holds fixed
+tokens (the text after and between gaps) besides the gaps of masks: both
+watchers take the first step's canvas, less what that step committed, as
+the canvas the generation started from, and show its fixed tokens as context.
+
 In Python, pass either one as ``on_step``::
 
     trace = TraceRecorder(
@@ -39,6 +44,7 @@ RESET = "\x1b[0m"
 FRESH = "\x1b[1;30;42m"  # committed since the last frame
 CURRENT = "\x1b[4m"  # a committed token of the current block
 CURRENT_MASK = "\x1b[33m"
+FIXED = "\x1b[36m"  # a fixed token of a fill: context, never committed
 DIM = "\x1b[2m"
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
@@ -92,6 +98,12 @@ class _Pieces:
         self.tokenizer = tokenizer
         self.mask = spec.mask_token_id if spec is not None else None
         self.end = set(spec.end_token_ids) if spec is not None else set()
+        # What an early stop pads the gaps with (the loop's choice).
+        self.pad = None
+        if spec is not None and spec.end_token_ids:
+            self.pad = spec.eos_token_id
+            if self.pad is None:
+                self.pad = spec.end_token_ids[0]
         self._cache: Dict[int, str] = {}
 
     def __call__(self, token: int) -> str:
@@ -113,11 +125,53 @@ def _prompt_length(st) -> int:
     return st.block_start - st.block * st.block_length
 
 
+def _block_end(st) -> int:
+    # A fill's last block may be shorter than the others.
+    return min(st.block_start + st.block_length, st.canvas.shape[1])
+
+
 def _first_mask(st, row: int) -> Optional[int]:
-    # Without a spec: what the first step left of the canvas is still masked.
+    # Without a spec: what the first step left masked of the positions it
+    # was called for (masks then, unless it committed nothing: a call that
+    # only refreshes a cache), else of the generated region (a fill's fixed
+    # tokens too: the most common token).
     canvas = st.canvas[row]
-    left = np.setdiff1d(np.arange(_prompt_length(st), len(canvas)), st.committed[row])
-    return int(canvas[left[0]]) if len(left) else None
+    left = np.setdiff1d(np.asarray(st.positions, dtype=np.int64), st.committed[row])
+    if not len(left) or not len(st.committed[row]):
+        left = np.setdiff1d(
+            np.arange(_prompt_length(st), len(canvas)), st.committed[row]
+        )
+    if not len(left):
+        return None
+    values, counts = np.unique(canvas[left], return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+class _Start:
+    """The canvas a generation started from, as its first step tells it.
+
+    That canvas is the first step's, less the positions it committed (masks
+    before it) and, when it stopped early, less its end padding (masks too).
+    Its tokens after the prompt that are not masks are ``fixed``: the text
+    after and between the gaps of a fill (none for a plain generation).
+    """
+
+    def __init__(self, st, row: int, pieces: _Pieces):
+        mask = -1 if pieces.mask is None else pieces.mask
+        P = _prompt_length(st)
+        canvas = np.array(st.canvas[row], dtype=np.int64)
+        canvas[st.committed[row]] = mask
+        if st.done and pieces.pad is not None:
+            # The padding of a gap is indistinguishable from a fixed end
+            # token: the padding token counts as padding.
+            gen = canvas[P:]
+            gen[gen == pieces.pad] = mask
+        self.canvas = canvas
+        gap = canvas[P:] == mask
+        self.fixed = np.flatnonzero(~gap) + P
+        self.gap_tokens = int(gap.sum())
+        # The blocks that have gaps: the loop makes no call in the others.
+        self.blocks = len(np.unique(np.flatnonzero(gap) // st.block_length))
 
 
 class CanvasView:
@@ -125,9 +179,11 @@ class CanvasView:
 
     Masks show as ``░`` (yellow in the current block), tokens committed since
     the last frame are highlighted, the current block's tokens underlined,
-    and end tokens shown as a dim ``·``. A progress line follows. Only the
-    first row of a batch is drawn. Without a terminal (``out`` is not a tty)
-    nothing is drawn live; :meth:`finish` prints one plain summary line.
+    end tokens shown as a dim ``·``, and a fill's fixed tokens (context, not
+    generated) in cyan. A progress line follows; for a fill it counts the
+    gap tokens. Only the first row of a batch is drawn. Without a terminal
+    (``out`` is not a tty) nothing is drawn live; :meth:`finish` prints one
+    plain summary line.
     """
 
     def __init__(self, tokenizer=None, spec=None, out=None, fps: float = 30.0):
@@ -141,6 +197,9 @@ class CanvasView:
         """Start a new generation (the next step opens a new canvas)."""
         self.step = None
         self.canvas = None
+        self.initial = None  # _Start
+        self.fixed = set()
+        self.blocks = set()  # the blocks that had a step
         self.fresh = set()
         self.committed = 0
         self.lines = 0
@@ -148,10 +207,14 @@ class CanvasView:
         self.start = time.perf_counter()
 
     def __call__(self, st):
-        if self.step is None and self.pieces.mask is None:
-            self.pieces.mask = _first_mask(st, 0)
+        if self.step is None:
+            if self.pieces.mask is None:
+                self.pieces.mask = _first_mask(st, 0)
+            self.initial = _Start(st, 0, self.pieces)
+            self.fixed = set(self.initial.fixed.tolist())
         self.step = st
         self.canvas = st.canvas[0]
+        self.blocks.add(st.block)
         for pos in st.committed[0]:
             self.fresh.add(int(pos))
         self.committed += len(st.committed[0])
@@ -176,20 +239,22 @@ class CanvasView:
 
     def progress(self, final: bool = False) -> str:
         st = self.step
-        P = _prompt_length(st)
-        gen = len(self.canvas) - P
-        blocks = gen // st.block_length
+        start = self.initial
+        # A fill counts its gaps' tokens, and the blocks that have gaps.
+        gen = start.gap_tokens
+        tokens = "gap tokens" if self.fixed else "tokens"
         seconds = time.perf_counter() - self.start
         rate = self.committed / max(seconds, 1e-9)
+        block = f"{len(self.blocks)}/{start.blocks}"
         if final:
             return (
-                f"canvas: {self.committed}/{gen} tokens · {st.block + 1}/{blocks} "
+                f"canvas: {self.committed}/{gen} {tokens} · {block} "
                 f"blocks of {st.block_length} · nfe {st.nfe} · {seconds:.2f} s · "
                 f"{rate:.1f} tok/s"
             )
         return (
-            f"block {st.block + 1}/{blocks} · step {st.step + 1} · "
-            f"{self.committed}/{gen} tokens · nfe {st.nfe} · {rate:.1f} tok/s"
+            f"block {block} · step {st.step + 1} · "
+            f"{self.committed}/{gen} {tokens} · nfe {st.nfe} · {rate:.1f} tok/s"
         )
 
     def render(self, width: int, height: int) -> List[str]:
@@ -197,6 +262,7 @@ class CanvasView:
         st = self.step
         P = _prompt_length(st)
         L = st.block_length
+        block_end = _block_end(st)
         mask = self.pieces.mask
         lines, line, used = [], [], 0  # line: [style, text] runs
         current_line = 0
@@ -225,9 +291,11 @@ class CanvasView:
                 put("│", DIM)  # a block boundary
             if pos == st.block_start:
                 current_line = len(lines)
-            current = st.block_start <= pos < st.block_start + L
+            current = st.block_start <= pos < block_end
             token = int(self.canvas[pos])
-            if token == mask:
+            if pos in self.fixed:
+                put(self.pieces(token), FIXED)
+            elif token == mask:
                 put(MASK_GLYPH, CURRENT_MASK if current else DIM)
             elif pos in self.fresh:
                 put(self.pieces(token), FRESH)
@@ -269,7 +337,10 @@ class TraceRecorder:
     """Records every step of each generation; replays them as HTML.
 
     Each generation is a *run* of records: ``start`` (prompt, canvas size,
-    block length, mask id), one ``step`` per model call (block, step,
+    block length, mask id and, for a fill in the middle, the ``fixed``
+    positions after the prompt that hold ``fixed_tokens`` from the start:
+    the text after and between the gaps), one ``step`` per model call (block,
+    step,
     committed ``positions`` on the canvas, their ``tokens`` and
     ``confidences``, ``nfe``, ``time`` in seconds since the run began, and
     on an early stop the ``filled`` end padding), and ``end`` (the final
@@ -310,10 +381,12 @@ class TraceRecorder:
         if self.canvas is None:
             if mask is None:
                 mask = self.pieces.mask = _first_mask(st, self.row)
+            start = _Start(st, self.row, self.pieces)
             self.seen = np.zeros(len(row), dtype=bool)
+            self.seen[start.fixed] = True  # never committed, never padding
             self.prompt_length = P
-            prompt = [int(t) for t in row[:P]]
-            self._record(
+            prompt = [int(t) for t in start.canvas[:P]]
+            record = dict(
                 event="start",
                 prompt=prompt,
                 prompt_text=self.pieces.decode(prompt),
@@ -323,6 +396,13 @@ class TraceRecorder:
                 mask_token_id=mask,
                 end_token_ids=sorted(self.pieces.end),
             )
+            if len(start.fixed):
+                record.update(
+                    fixed=[int(p) for p in start.fixed],
+                    fixed_tokens=[int(start.canvas[p]) for p in start.fixed],
+                    gap_tokens=start.gap_tokens,
+                )
+            self._record(**record)
         self.canvas = row
         positions = st.committed[self.row]
         self.seen[positions] = True
@@ -331,7 +411,7 @@ class TraceRecorder:
             block=st.block,
             step=st.step,
             block_start=st.block_start,
-            block_end=st.block_start + st.block_length,
+            block_end=_block_end(st),
             positions=[int(p) for p in positions],
             tokens=[int(row[p]) for p in positions],
             confidences=[_finite(c) for c in st.confidence[self.row]],
@@ -385,6 +465,7 @@ class TraceRecorder:
         for r in self.records:
             tokens.update(r.get("tokens", ()))
             tokens.update(r.get("filled_tokens", ()))
+            tokens.update(r.get("fixed_tokens", ()))
             tokens.update(r.get("prompt", ()))
         data = {
             "title": self.title,
@@ -413,6 +494,8 @@ def replay(run: List[dict], upto: Optional[int] = None) -> List[int]:
     start = run[0]
     mask = start["mask_token_id"]
     canvas = list(start["prompt"]) + [mask] * start["gen_length"]
+    for p, t in zip(start.get("fixed", ()), start.get("fixed_tokens", ())):
+        canvas[p] = t  # a fill's fixed tokens
     steps = [r for r in run if r["event"] == "step"][:upto]
     for r in steps:
         for p, t in zip(r["positions"], r["tokens"]):

@@ -18,7 +18,10 @@ import pytest
 from conftest import GOLDEN, load_golden
 
 from mlx_lm_llada import diffusion_generate
+from mlx_lm_llada.infill import parse_gaps, template
 from mlx_lm_llada.visualize import (
+    FIXED,
+    FRESH,
     MASK_GLYPH,
     SHOW_CURSOR,
     CanvasView,
@@ -36,6 +39,11 @@ MODEL = "tiny-gqa"
 PROMPT = "hello"
 ARGS = ["--model", str(GOLDEN / MODEL), "--prompt", PROMPT, "--max-tokens", "32"]
 ARGS += ["--block-length", "16"]
+# A fill in the middle: 12 gap tokens, then a fixed suffix, in blocks of 8
+# (the last one shorter, and without a gap).
+FILL_PROMPT = "def mean(xs):\\n{{fill:12}}\\n    return total"
+FILL_ARGS = ["--model", str(GOLDEN / MODEL), "--prompt", FILL_PROMPT]
+FILL_ARGS += ["--block-length", "8", "--reference"]
 CHROMIUM = next(
     filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
     None,
@@ -188,6 +196,112 @@ def test_view_without_terminal_prints_a_plain_line():
     assert re.fullmatch(r"canvas: 16/16 tokens · 1/1 blocks .*\n", out.getvalue())
 
 
+# A fill in the middle in Python ---------------------------------------------
+
+
+def fill_template(tokenizer, front=2, gap=10, back=3):
+    """A canvas of ``front`` fixed tokens, a gap and ``back`` fixed tokens
+    after the prompt: 15 tokens, in blocks of 8 the last block is shorter."""
+    prompt = tokenizer.encode("hello")
+    fixed = tokenizer.encode(" the sky is blue", add_special_tokens=False)
+    assert len(fixed) >= front + back
+    head, tail = fixed[:front], fixed[len(fixed) - back :]
+    return prompt, prompt + head + [MASK] * gap + tail
+
+
+@pytest.mark.parametrize("spec", [True, False], ids=["spec", "no-spec"])
+def test_fill_from_python(monkeypatch, spec):
+    monkeypatch.setattr(
+        shutil, "get_terminal_size", lambda *a: os.terminal_size((200, 24))
+    )
+    model, tokenizer = load_golden("tiny-sharp")
+    prompt, canvas = fill_template(tokenizer)
+    P, T = len(prompt), len(canvas)
+    fixed = [p for p in range(P, T) if canvas[p] != MASK]
+    out = FakeTerminal()
+    view = CanvasView(tokenizer, model.diffusion if spec else None, out=out, fps=1e9)
+    trace = TraceRecorder(tokenizer=tokenizer, spec=model.diffusion if spec else None)
+    steps = []
+
+    def on_step(st):
+        steps.append(st)
+        view(st)
+        trace(st)
+
+    tokens, _ = diffusion_generate(
+        model,
+        mx.array([prompt]),
+        template=mx.array([canvas]),
+        steps=16,
+        gen_length=T - P,
+        block_length=8,
+        on_step=on_step,
+    )
+    view.finish()
+    trace.finish()
+    tokens = np.array(tokens)[0].tolist()
+    assert [tokens[p] for p in fixed] == [canvas[p] for p in fixed]
+
+    start, records = trace.records[0], trace.records[1:-1]
+    assert start["mask_token_id"] == MASK and start["gen_length"] == T - P
+    assert start["fixed"] == fixed and start["gap_tokens"] == 10
+    assert start["fixed_tokens"] == [canvas[p] for p in fixed]
+    assert replay(trace.records, 0) == canvas
+    assert replay(trace.records) == tokens
+    for r in records:
+        assert not set(r["positions"]) & set(fixed)
+        assert r["block_end"] == min(r["block_start"] + 8, T)  # the short block
+    assert {r["block_end"] for r in records} == {P + 8, T}
+
+    # The fixed tokens are context from the first frame: never fresh, never
+    # masks; the summary counts the gap's tokens.
+    text = out.getvalue()
+    frames = text.split("\x1b[J")
+    assert len(frames) == len(steps) + 1
+    piece = view.pieces
+    head = "".join(piece(canvas[p]) for p in fixed[:2])
+    tail = "".join(piece(canvas[p]) for p in fixed[2:])
+    for frame in frames:
+        assert FIXED + head in frame and FIXED + tail in frame
+        assert FRESH + head not in frame and FRESH + tail not in frame
+    assert "canvas: 10/10 gap tokens · 2/2 blocks of 8" in ANSI.sub("", frames[-1])
+
+
+def test_fill_stopped_early_from_python():
+    model, tokenizer = load_golden("tiny-eos")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Why is the sky blue?"}],
+        add_generation_prompt=True,
+    )
+    suffix = tokenizer.encode(" world ok", add_special_tokens=False)
+    P, G = len(prompt), 26
+    canvas = prompt + [MASK] * G + suffix
+    out = io.StringIO()
+    view = CanvasView(tokenizer, model.diffusion, out=out)
+    trace = TraceRecorder(spec=model.diffusion)
+    steps = []
+    tokens, _ = diffusion_generate(
+        model,
+        mx.array([prompt]),
+        template=mx.array([canvas]),
+        steps=32,
+        gen_length=len(canvas) - P,
+        block_length=16,
+        early_stop=True,
+        on_step=lambda st: (steps.append(st), view(st), trace(st)),
+    )
+    view.finish()
+    trace.finish()
+    tokens = np.array(tokens)[0].tolist()
+    assert steps[-1].done and tokens[P + G :] == suffix
+    # The end padding fills what is left of the gap, not the suffix.
+    (last,) = [r for r in trace.records if r.get("done")]
+    assert last["filled"] and max(last["filled"]) < P + G
+    assert trace.records[0]["fixed"] == list(range(P + G, len(canvas)))
+    assert replay(trace.records) == tokens
+    assert re.fullmatch(rf"canvas: \d+/{G} gap tokens · .*\n", out.getvalue())
+
+
 # Our commands -------------------------------------------------------------
 
 
@@ -203,14 +317,12 @@ def expected():
     return prompt, text
 
 
-@pytest.fixture(scope="module")
-def piped(tmp_path_factory):
+def watched(tmp, args):
     """``mlx_lm_llada.generate --visualize --trace --trace-html``, piped."""
-    tmp = tmp_path_factory.mktemp("trace")
     trace, html = tmp / "trace.jsonl", tmp / "trace.html"
     run = subprocess.run(
         command("mlx_lm_llada.generate")
-        + ARGS
+        + args
         + ["--visualize", "--trace", str(trace), "--trace-html", str(html)],
         capture_output=True,
         text=True,
@@ -219,6 +331,26 @@ def piped(tmp_path_factory):
     )
     assert run.returncode == 0, run.stderr
     return run, trace, html
+
+
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory):
+    return watched(tmp_path_factory.mktemp("trace"), ARGS)
+
+
+@pytest.fixture(scope="module")
+def piped_fill(tmp_path_factory):
+    """The same for a fill in the middle (``{{fill:12}}`` in the prompt)."""
+    return watched(tmp_path_factory.mktemp("fill"), FILL_ARGS)
+
+
+@pytest.fixture(scope="module")
+def fill_layout():
+    """The prompt's ids, the gap's length and the suffix's ids of the fill."""
+    _, tokenizer = load_golden(MODEL)
+    segments = parse_gaps(FILL_PROMPT.replace("\\n", "\n"), 32)
+    prompt, (gap, suffix) = template(tokenizer, segments)
+    return prompt, gap, suffix
 
 
 def test_live_view_in_a_terminal(expected):
@@ -303,6 +435,49 @@ def test_trace_replays_to_the_tokens(piped, expected):
         assert changed == sorted(s["positions"])
 
 
+def test_fill_summary_counts_the_gap(piped_fill):
+    run, _, _ = piped_fill
+    assert ESCAPE not in run.stdout and ESCAPE not in run.stderr
+    # 12 gap tokens in blocks 1 and 2; block 3 holds only suffix tokens.
+    assert re.search(
+        r"^canvas: 12/12 gap tokens · 2/2 blocks of 8 · ", run.stdout, re.M
+    )
+
+
+def test_fill_trace_replays_to_the_tokens(piped_fill, fill_layout):
+    run, trace, _ = piped_fill
+    prompt, gap, suffix = fill_layout
+    P, T = len(prompt), len(prompt) + gap + len(suffix)
+    (records,) = read_trace(trace)
+    start, steps, end = records[0], records[1:-1], records[-1]
+    assert start["prompt"] == prompt and start["gen_length"] == gap + len(suffix)
+    # The suffix is on the canvas from the start, never committed.
+    assert start["fixed"] == list(range(P + gap, T))
+    assert start["fixed_tokens"] == suffix and start["gap_tokens"] == gap
+    assert replay(records, 0) == prompt + [MASK] * gap + suffix
+    fixed = set(start["fixed"])
+    assert all(not fixed & set(s["positions"]) for s in steps)
+    assert sorted(p for s in steps for p in s["positions"]) == list(range(P, P + gap))
+    assert all(s["block_end"] == min(s["block_start"] + 8, T) for s in steps)
+    assert replay(records) == end["tokens"] and len(end["tokens"]) == T
+    assert end["tokens"][P + gap :] == suffix
+    assert end["text"] and end["text"] in run.stdout  # mlx-lm's text: the fill
+    for k, s in enumerate(steps):
+        before, after = replay(records, k), replay(records, k + 1)
+        changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        assert changed == sorted(s["positions"])
+
+
+def test_fill_trace_html_holds_the_records(piped_fill):
+    _, trace, html = piped_fill
+    page, data, _ = page_parts(html)
+    assert not re.search(r"https?://|\ssrc=|<link", page)
+    (run,) = read_trace(trace)
+    assert data["records"] == run
+    for t in run[0]["fixed_tokens"] + run[-1]["tokens"]:
+        assert str(t) in data["pieces"]
+
+
 def page_parts(html: Path):
     page = html.read_text(encoding="utf-8")
     data = re.search(
@@ -324,8 +499,9 @@ def test_trace_html_is_self_contained(piped):
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_trace_html_replay_in_node(piped, tmp_path):
-    _, trace, html = piped
+@pytest.mark.parametrize("watch", ["piped", "piped_fill"])
+def test_trace_html_replay_in_node(watch, request, tmp_path):
+    _, trace, html = request.getfixturevalue(watch)
     _, data, script = page_parts(html)
     (tmp_path / "replay.js").write_text(script, encoding="utf-8")
     (tmp_path / "data.json").write_text(json.dumps(data), encoding="utf-8")
@@ -360,8 +536,9 @@ def test_trace_html_replay_in_node(piped, tmp_path):
     CHROMIUM is None,
     reason="chromium is not installed (Debian: apt-get install chromium)",
 )
-def test_trace_html_in_chromium(piped, tmp_path):
-    _, trace, html = piped
+@pytest.mark.parametrize("watch", ["piped", "piped_fill"])
+def test_trace_html_in_chromium(watch, request, tmp_path):
+    _, trace, html = request.getfixturevalue(watch)
     browser = subprocess.run(
         [
             CHROMIUM,
@@ -390,3 +567,7 @@ def test_trace_html_in_chromium(piped, tmp_path):
     start, end = run[0], run[-1]
     shown = [int(t) for t in re.findall(r'<span data-token="(\d+)"', dom)]
     assert shown == end["tokens"][start["prompt_length"] :]
+    # A fill's fixed tokens show as fixed text, as the prompt does.
+    fixed = re.findall(r'<span data-token="(\d+)" class="tok fixed"', dom)
+    assert [int(t) for t in fixed] == start.get("fixed_tokens", [])
+    assert bool(re.search(r'id="legend-fixed" hidden', dom)) != bool(fixed)

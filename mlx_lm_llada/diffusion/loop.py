@@ -187,6 +187,9 @@ def denoise(
                     step += 1
                     continue
             positions = lo + np.flatnonzero(masked.any(axis=0))
+            if not len(positions):
+                # A fixed block start: the first call only refreshes the cache.
+                positions = np.array([bs])
             # The first call of a block (or every call, without a cache) runs
             # the whole canvas; cached calls run what the mode needs.
             if caches is None or step == 0:
