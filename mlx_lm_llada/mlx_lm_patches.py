@@ -257,6 +257,66 @@ def patch_causal_only(module):
     module._mlx_lm_llada_patched = True
 
 
+DIFFUSION_LOSS_NOTE = (
+    "masked-diffusion loss: an upper bound on the negative log-likelihood "
+    "per token, not a causal perplexity"
+)
+
+
+def patch_lora(module):
+    """``mlx_lm.lora`` trains a diffusion model with its own objective.
+
+    mlx-lm's trainer, data formats, LoRA/DoRA/full fine-tuning and adapters
+    are unchanged; for a model that declares ``diffusion`` the trainer's
+    loss is the masked-diffusion loss (``diffusion/training.py``), and the
+    reported losses say what they are. Other models train as before."""
+    if getattr(module, "_mlx_lm_llada_patched", False) or not hasattr(module, "train"):
+        return
+    train, evaluate = module.train, module.evaluate
+    evaluate_model = module.evaluate_model
+
+    def with_diffusion_loss(kwargs):
+        from .diffusion.training import mlx_lm_loss
+
+        if getattr(kwargs.get("model"), "diffusion", None) is not None:
+            kwargs.setdefault("loss", mlx_lm_loss)
+        return kwargs
+
+    @functools.wraps(train)
+    def diffusion_train(*args, **kwargs):
+        if getattr(kwargs.get("model"), "diffusion", None) is not None:
+            module.rprint(f"Train and validation losses are the {DIFFUSION_LOSS_NOTE}.")
+        return train(*args, **with_diffusion_loss(kwargs))
+
+    @functools.wraps(evaluate)
+    def diffusion_evaluate(*args, **kwargs):
+        return evaluate(*args, **with_diffusion_loss(kwargs))
+
+    @functools.wraps(evaluate_model)
+    def diffusion_evaluate_model(args, model, test_set):
+        if getattr(model, "diffusion", None) is None:
+            return evaluate_model(args, model, test_set)
+        rprint = module.rprint
+
+        def relabel(*texts, **kw):
+            text = " ".join(str(t) for t in texts)
+            if text.startswith("Test loss"):
+                # exp of a bound is no perplexity: report the loss alone.
+                text = text.split(",")[0] + f" ({DIFFUSION_LOSS_NOTE})."
+            rprint(text, **kw)
+
+        module.rprint = relabel
+        try:
+            return evaluate_model(args, model, test_set)
+        finally:
+            module.rprint = rprint
+
+    module.train = diffusion_train
+    module.evaluate = diffusion_evaluate
+    module.evaluate_model = diffusion_evaluate_model
+    module._mlx_lm_llada_patched = True
+
+
 # The request body's field that carries a diffusion model's settings.
 REQUEST_SETTINGS_FIELD = "diffusion"
 # The text completion's field (OpenAI's) of the text after the completion.

@@ -13,7 +13,8 @@ When mlx-lm is imported, the finder
   refuses speculative and batched decoding for such models;
 - fills in the special-token ids that a diffusion config lacks and keeps
   transformers from asking about the checkpoint's remote code;
-- makes the commands that assume a causal model refuse a diffusion model;
+- makes the commands that assume a causal model refuse a diffusion model,
+  and `mlx_lm.lora` train one with the masked-diffusion loss;
 - lets ``mlx_lm.server`` take a request's diffusion settings and answer its
   errors with a status.
 
@@ -125,6 +126,12 @@ def _patch_causal_only(module):
     mlx_lm_patches.patch_causal_only(module)
 
 
+def _patch_lora(module):
+    from . import mlx_lm_patches
+
+    mlx_lm_patches.patch_lora(module)
+
+
 def _patch_server(module):
     from . import mlx_lm_patches
 
@@ -137,5 +144,5 @@ _PATCHES = {
     "mlx_lm.utils": _patch_utils,
     "mlx_lm.perplexity": _patch_causal_only,
     "mlx_lm.evaluate": _patch_causal_only,
-    "mlx_lm.lora": _patch_causal_only,
+    "mlx_lm.lora": _patch_lora,
 }

@@ -8,7 +8,8 @@
 - :mod:`.loop`: the one denoising loop (``denoise``);
 - :mod:`.reference_api`: ``diffusion_generate``, the references' own call;
 - :mod:`.mlx_lm_adapter`: ``stream_diffusion``, mlx-lm's ``generate_step``;
-- :mod:`.model_base`: what every diffusion model file inherits.
+- :mod:`.model_base`: what every diffusion model file inherits;
+- :mod:`.training`: the masked-diffusion loss, for mlx-lm's trainer.
 """
 
 from .caches import CanvasCache, ContextCache
