@@ -6,6 +6,7 @@ that declares ``diffusion`` settings is not causal.
 """
 
 import functools
+import inspect
 import json
 import logging
 import sys
@@ -275,22 +276,26 @@ def patch_lora(module):
     train, evaluate = module.train, module.evaluate
     evaluate_model = module.evaluate_model
 
-    def with_diffusion_loss(kwargs):
+    def with_diffusion_loss(function, args, kwargs):
+        """The call's arguments, by name, with the loss of a diffusion model."""
         from .diffusion.training import mlx_lm_loss
 
-        if getattr(kwargs.get("model"), "diffusion", None) is not None:
-            kwargs.setdefault("loss", mlx_lm_loss)
-        return kwargs
+        bound = inspect.signature(function).bind_partial(*args, **kwargs).arguments
+        diffusion = getattr(bound.get("model"), "diffusion", None) is not None
+        if diffusion:
+            bound.setdefault("loss", mlx_lm_loss)
+        return bound, diffusion
 
     @functools.wraps(train)
     def diffusion_train(*args, **kwargs):
-        if getattr(kwargs.get("model"), "diffusion", None) is not None:
+        bound, diffusion = with_diffusion_loss(train, args, kwargs)
+        if diffusion:
             module.rprint(f"Train and validation losses are the {DIFFUSION_LOSS_NOTE}.")
-        return train(*args, **with_diffusion_loss(kwargs))
+        return train(**bound)
 
     @functools.wraps(evaluate)
     def diffusion_evaluate(*args, **kwargs):
-        return evaluate(*args, **with_diffusion_loss(kwargs))
+        return evaluate(**with_diffusion_loss(evaluate, args, kwargs)[0])
 
     @functools.wraps(evaluate_model)
     def diffusion_evaluate_model(args, model, test_set):
