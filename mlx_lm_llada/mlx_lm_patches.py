@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .registration_hook import MODEL_MODULES
+from .registration_hook import MODEL_ARCHITECTURES, MODEL_MODULES
 
 
 def has_own_generation(model):
@@ -172,6 +172,8 @@ def patch_utils(module):
         return
     load_config = module.load_config
     load_tokenizer = module.load_tokenizer
+    # A model type that several architectures share (LLaDA, LLaDA-MoE).
+    getattr(module, "MODEL_ARCHITECTURE_REMAPPING", {}).update(MODEL_ARCHITECTURES)
 
     def model_module(config):
         try:

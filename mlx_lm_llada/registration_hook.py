@@ -7,7 +7,8 @@ nothing of mlx, mlx-lm or transformers is imported at start-up.
 When mlx-lm is imported, the finder
 
 - makes ``mlx_lm.models.<model_type>`` resolve to our model file, for every
-  type in :data:`MODEL_MODULES`;
+  type in :data:`MODEL_MODULES`, and a model type that several architectures
+  share pick its module by architecture (:data:`MODEL_ARCHITECTURES`);
 - makes ``mlx_lm.generate.generate_step`` defer to a model's own
   ``generate_step`` (the generic change that ``patches/0001`` proposes), and
   refuses speculative and batched decoding for such models;
@@ -27,7 +28,12 @@ import sys
 MODEL_MODULES = {
     "llada": "mlx_lm_llada.models.llada",
     "Dream": "mlx_lm_llada.models.dream",
+    "llada_moe": "mlx_lm_llada.models.llada_moe",
 }
+
+# (model_type, architecture) -> the model module, for mlx-lm's own
+# MODEL_ARCHITECTURE_REMAPPING: LLaDA-MoE's config says model_type "llada".
+MODEL_ARCHITECTURES = {("llada", "LLaDAMoEModelLM"): "llada_moe"}
 
 _DISABLE_VAR = "MLX_LM_LLADA_DISABLE"
 
