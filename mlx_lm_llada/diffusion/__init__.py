@@ -16,6 +16,7 @@ from .caches import CanvasCache, ContextCache
 from .loop import Step, denoise
 from .mlx_lm_adapter import stream_diffusion
 from .model_base import (
+    DecoderLayout,
     DiffusionModel,
     check_config,
     check_geometry,
@@ -42,6 +43,7 @@ __all__ = [
     "SCHEDULES",
     "CanvasCache",
     "ContextCache",
+    "DecoderLayout",
     "DiffusionModel",
     "DiffusionSettings",
     "DiffusionSpec",

@@ -67,6 +67,32 @@ class DiffusionModel:
         return stream_diffusion(self, prompt, **kwargs)
 
 
+class DecoderLayout:
+    """``embed``, ``layers``, ``head`` and ``sanitize`` for the common Hugging
+    Face decoder layout (``model.embed_tokens``, ``model.layers``,
+    ``model.norm``, ``lm_head`` unless ``tie_word_embeddings``), as Dream's
+    and LLaDA-MoE's checkpoints have it. Mix in before ``DiffusionModel``."""
+
+    def embed(self, inputs):
+        return self.model.embed_tokens(inputs)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def head(self, h):
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights):
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+
 def key_padding_mask(attention_mask: mx.array, dtype) -> mx.array:
     """An additive mask ``[B, 1, 1, K]``: padding keys get -inf, for every
     query (a padding query's output is never read)."""

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from mlx_lm_llada.diffusion import (
+    DecoderLayout,
     DiffusionModel,
     DiffusionSpec,
     check_config,
@@ -106,7 +107,7 @@ class DreamModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(DiffusionModel, nn.Module):
+class Model(DecoderLayout, DiffusionModel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -115,24 +116,11 @@ class Model(DiffusionModel, nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def embed(self, inputs):
-        return self.model.embed_tokens(inputs)
-
     def place(self, cache, attention_mask):
         # A left-padded row's tokens are placed from position 0.
         start = 0 if cache[0] is None else cache[0].offset
         padding = attention_mask.shape[1] - attention_mask.sum(axis=1)
         return [_Placed(start - padding, c) for c in cache]
-
-    def head(self, h):
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
 
     @property
     def diffusion(self):
@@ -146,9 +134,3 @@ class Model(DiffusionModel, nn.Module):
             family="Dream",
             reference=REFERENCE_GENERATION,
         )
-
-    def sanitize(self, weights):
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return weights

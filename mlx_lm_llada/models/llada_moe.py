@@ -21,6 +21,7 @@ from mlx_lm.models import qwen3_moe
 from mlx_lm.models.base import BaseModelArgs
 
 from mlx_lm_llada.diffusion import (
+    DecoderLayout,
     DiffusionModel,
     DiffusionSpec,
     check_config,
@@ -176,7 +177,7 @@ class LLaDAMoEModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(DiffusionModel, nn.Module):
+class Model(DecoderLayout, DiffusionModel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -184,19 +185,6 @@ class Model(DiffusionModel, nn.Module):
         self.model = LLaDAMoEModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def embed(self, inputs):
-        return self.model.embed_tokens(inputs)
-
-    def head(self, h):
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
 
     @property
     def diffusion(self):
@@ -210,9 +198,7 @@ class Model(DiffusionModel, nn.Module):
         )
 
     def sanitize(self, weights):
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        weights = super().sanitize(weights)
         # The experts' Linears become one SwitchGLU per layer (as mlx-lm's
         # OLMoE and Qwen-MoE do); a converted checkpoint is stacked already.
         for l in range(self.args.num_hidden_layers):
