@@ -15,10 +15,12 @@ Training follows LLaDA's SFT recipe: for each sequence a masking ratio
 ``t ~ U(eps, 1)``; each answer token (EoT and EOS padding included) is masked
 with probability ``t``; the prompt stays clean. The loss is the cross-entropy
 on the masked tokens weighted by ``1/t``, summed, divided by the answer
-length and averaged over the batch. Seeds are fixed: the same command gives
-the same data, masks and initial weights. ``--init`` starts from a checkpoint
-that this script wrote (a second training stage); ``training.json`` keeps
-every stage's command.
+length and averaged over the batch: ``diffusion_loss`` of
+``mlx_lm_llada.diffusion.training``, the loss ``mlx_lm.lora`` trains with;
+the masks are drawn here, from a seeded NumPy generator. Seeds are fixed:
+the same command gives the same data, masks and initial weights. ``--init``
+starts from a checkpoint that this script wrote (a second training stage);
+``training.json`` keeps every stage's command.
 
 The result is a checkpoint in the Hugging Face layout of
 ``GSAI-ML/LLaDA-8B-Instruct`` (``config.json``, ``generation_config.json``,
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mlx_lm_llada.diffusion.training import diffusion_loss  # noqa: E402
 from mlx_lm_llada.models.llada import Model, ModelArgs  # noqa: E402
 
 SPECIAL_TOKENS = [
@@ -434,17 +437,16 @@ class Batches:
         is_answer[:, P:] = True
         return tokens, attn, is_answer
 
-    def noised(self, tokens, is_answer, eps):
-        """LLaDA's forward process on the answer: inputs and loss weights."""
-        B, T = tokens.shape
+    def noised(self, is_answer, eps):
+        """LLaDA's forward process on the answer, drawn from this NumPy
+        generator (reproducible): which tokens are masked, and each row's
+        masking probability ``p`` ([B, 1]). ``noise`` in
+        ``mlx_lm_llada.diffusion.training`` draws the same from MLX's."""
+        B = is_answer.shape[0]
         t = self.rng.uniform(size=B)
-        p_mask = (1 - eps) * t + eps
-        masked = (self.rng.uniform(size=(B, T)) < p_mask[:, None]) & is_answer
-        inputs = np.where(masked, self.ids[MASK], tokens).astype(np.int32)
-        # sum over masked of CE / p_mask / answer length, mean over the batch
-        answer_length = is_answer.sum(axis=1, keepdims=True)
-        weights = masked / p_mask[:, None] / answer_length / B
-        return inputs, weights.astype(np.float32)
+        p = ((1 - eps) * t + eps)[:, None]
+        masked = (self.rng.uniform(size=is_answer.shape) < p) & is_answer
+        return masked, p.astype(np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -617,16 +619,17 @@ def main(argv=None):
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
 
-    def loss_fn(model, inputs, targets, weights, attn):
-        logits = model(inputs, attention_mask=attn)
-        ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-        return (ce * weights).sum()
+    def loss_fn(model, tokens, scored, masked, p, attn):
+        # The package's objective (what mlx_lm.lora trains with): CE on the
+        # masked tokens / p / answer length, summed, / batch.
+        loss, _ = diffusion_loss(model, tokens, scored, masked, p, attn)
+        return loss
 
     state = [model.state, optimizer.state]
 
-    def train_step(inputs, targets, weights, attn):
+    def train_step(tokens, scored, masked, p, attn):
         loss, grads = nn.value_and_grad(model, loss_fn)(
-            model, inputs, targets, weights, attn
+            model, tokens, scored, masked, p, attn
         )
         grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
         optimizer.update(model, grads)
@@ -638,9 +641,13 @@ def main(argv=None):
     start, running = time.time(), []
     for step in range(1, args.steps + 1):
         tokens, attn, is_answer = data.next()
-        inputs, weights = data.noised(tokens, is_answer, args.eps)
+        masked, p = data.noised(is_answer, args.eps)
         loss = train_step(
-            mx.array(inputs), mx.array(tokens), mx.array(weights), mx.array(attn)
+            mx.array(tokens),
+            mx.array(is_answer),
+            mx.array(masked),
+            mx.array(p),
+            mx.array(attn),
         )
         mx.eval(state, loss)
         running.append(loss.item())
