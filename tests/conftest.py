@@ -52,6 +52,25 @@ def load_golden(name, family="llada"):
     return _MODELS[family, name]
 
 
+def forward_error(case, family):
+    """The largest difference between a model's logits and a golden forward
+    case's, at the tokens of each row (a padded row's pad positions are not
+    compared: the reference's outputs there depend on its torch version)."""
+    import mlx.core as mx
+    import numpy as np
+
+    model, _ = load_golden(case["model"], family)
+    mask = case.get("attention_mask")
+    logits = model(
+        mx.array(case["input_ids"]),
+        attention_mask=None if mask is None else mx.array(mask),
+    )
+    expected = np.load(golden_dir(family) / case["logits"])
+    assert logits.dtype == mx.float32 and logits.shape == expected.shape
+    rows = np.ones(expected.shape[:2], bool) if mask is None else np.array(mask, bool)
+    return np.abs(np.array(logits) - expected)[rows].max()
+
+
 @pytest.fixture(autouse=True)
 def clean_settings(monkeypatch):
     # Settings from the environment or a command line must not leak in.
