@@ -29,6 +29,7 @@ MODEL_MODULES = {
     "llada": "mlx_lm_llada.models.llada",
     "Dream": "mlx_lm_llada.models.dream",
     "llada_moe": "mlx_lm_llada.models.llada_moe",
+    "llada2_moe": "mlx_lm_llada.models.llada2_moe",
 }
 
 # (model_type, architecture) -> the model module, for mlx-lm's own

@@ -18,6 +18,7 @@ from .mlx_lm_adapter import stream_diffusion
 from .model_base import (
     DecoderLayout,
     DiffusionModel,
+    block_causal_mask,
     check_config,
     check_geometry,
     key_padding_mask,
@@ -48,6 +49,7 @@ __all__ = [
     "DiffusionSettings",
     "DiffusionSpec",
     "Step",
+    "block_causal_mask",
     "check_config",
     "check_geometry",
     "check_reference",

@@ -1,7 +1,8 @@
 # Copyright © 2026 mlx-lm-llada contributors.
 """The caches of a diffusion model: keys and values of a canvas across the
-steps of one generation (:class:`CanvasCache`), and a conversation's tokens
-across turns (:class:`ContextCache`, mlx-lm's prompt cache)."""
+steps of one generation (:class:`CanvasCache`), of a block-causal model's
+finished blocks (:class:`BlockPrefixCache`), and a conversation across turns
+(:class:`ContextCache`, mlx-lm's prompt cache)."""
 
 from typing import List, Optional
 
@@ -41,15 +42,67 @@ class CanvasCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+class BlockPrefixCache:
+    """Keys and values of a block-causal model's finished blocks: one of
+    mlx-lm's ``KVCache`` per layer, and the tokens they were computed from.
+
+    A block's keys depend only on it and the blocks before it, so once its
+    tokens are final they are final too: a cache of them is exact.
+    """
+
+    def __init__(self, num_layers: int):
+        from mlx_lm.models.cache import KVCache
+
+        self.layers = [KVCache() for _ in range(num_layers)]
+        self.tokens: List[int] = []
+        self.block_length = None
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].offset
+
+    def keep(self, length: int, tokens=None):
+        """Keep the first ``length`` positions (``tokens``: what they hold)."""
+        for c in self.layers:
+            c.trim(c.offset - length)
+        source = self.tokens if tokens is None else tokens
+        self.tokens = [int(t) for t in source[:length]]
+
+    def reuse(self, tokens, block_length: int, limit: int) -> int:
+        """Keep the longest stored prefix of ``tokens`` that ends on a block
+        edge, at most ``limit`` long, and return its length. Keys of another
+        block length are dropped (the blocks saw other blocks)."""
+        n = 0
+        if block_length == self.block_length:
+            stored = np.array(self.tokens[: min(limit, len(tokens))], dtype=np.int64)
+            differ = np.flatnonzero(stored != np.asarray(tokens[: len(stored)]))
+            n = int(differ[0]) if len(differ) else len(stored)
+            n -= n % block_length
+        self.block_length = block_length
+        self.keep(n)
+        return n
+
+    @property
+    def nbytes(self):
+        return sum(c.nbytes for c in self.layers if c.keys is not None)
+
+
 class ContextCache:
     """The prompt cache of a diffusion model: the conversation's tokens.
 
-    Attention is bidirectional, so keys computed for one turn go stale when
-    the next turn is appended; what carries over is the token context.
+    With bidirectional attention, keys computed for one turn go stale when
+    the next turn is appended: what carries over is the token context. A
+    block-causal model's cache also keeps the keys of its finished blocks
+    (``blocks``), which the next turn reuses as far as its tokens agree.
     """
 
-    def __init__(self, tokens: Optional[List[int]] = None):
+    def __init__(
+        self,
+        tokens: Optional[List[int]] = None,
+        blocks: Optional[BlockPrefixCache] = None,
+    ):
         self.tokens = list(tokens or [])
+        self.blocks = blocks
 
     @property
     def offset(self):
@@ -79,7 +132,8 @@ class ContextCache:
 
     @property
     def nbytes(self):
-        return 4 * len(self.tokens)
+        keys = 0 if self.blocks is None else self.blocks.nbytes
+        return 4 * len(self.tokens) + keys
 
     def extend(self, inputs: mx.array) -> mx.array:
         """Append ``inputs`` [1, L]; return the whole context [1, T]."""
@@ -92,6 +146,7 @@ class ContextCache:
         return True
 
     def trim(self, n):
+        # Stored keys are checked against the tokens when they are reused.
         n = max(0, min(len(self.tokens), n))
         if n:
             del self.tokens[-n:]

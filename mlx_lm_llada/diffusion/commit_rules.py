@@ -96,14 +96,17 @@ def select(
     threshold: Optional[float] = None,
     factor: Optional[float] = None,
     alg_temp: float = 0.0,
+    floor: str = "one",
 ) -> np.ndarray:
     """Positions to commit in one row (indices into ``conf``).
 
     A fixed ``count`` takes the most confident (``alg_temp`` > 0 samples them
     instead, in proportion to ``softmax(conf / alg_temp)``). ``threshold``
     takes the most confident and every other one at least that confident,
-    among the first ``count`` if a count is given (the capped rule).
-    ``factor`` is Fast-dLLM's factor rule.
+    among the first ``count`` if a count is given (the capped rule); with
+    ``floor="scheduled"`` it takes every one above the threshold, and at
+    least the ``count`` most confident (LLaDA 2). ``factor`` is Fast-dLLM's
+    factor rule.
     """
     n = int(masked.sum())
     if n == 0:
@@ -115,6 +118,9 @@ def select(
         gumbel = np.array(mx.random.gumbel(shape=conf.shape), dtype=np.float64)
         conf = np.where(masked, conf / alg_temp + gumbel, -np.inf)
     order = np.argsort(-conf, kind="stable")[:n]
+    if threshold is not None and floor == "scheduled":
+        above = int((conf[order] > threshold).sum())
+        return order[: max(above, count)]
     if threshold is not None:
         if count is not None:
             order = order[: max(count, 0)]

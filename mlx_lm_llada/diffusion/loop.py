@@ -23,7 +23,7 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .caches import CanvasCache
+from .caches import BlockPrefixCache, CanvasCache
 from .commit_rules import (
     confidence,
     even_counts,
@@ -43,7 +43,7 @@ class Step:
     block: int
     step: int  # within the block
     canvas: np.ndarray  # [B, P + gen_length], live: copy it to keep it
-    committed: List[np.ndarray]  # per row: canvas positions committed now
+    committed: List[np.ndarray]  # per row: canvas positions written now
     confidence: List[np.ndarray]  # per row: their confidences
     positions: np.ndarray  # canvas positions that the logprobs rows are for
     logprobs: mx.array  # [B, len(positions), V] of this call
@@ -51,14 +51,19 @@ class Step:
     done: bool = False  # early stop: an end token closed every row
     block_start: int = 0  # canvas position where this block begins
     block_length: int = 0
+    # Tokens before this canvas position are final (with token editing, a
+    # block's tokens are final once the block ends).
+    final_end: int = 0
+    tokens_in: int = 0  # positions the model call processed
 
 
 class _Counts:
     """How many tokens each row commits at each step of one block."""
 
-    def __init__(self, settings: DiffusionSettings, steps: int, rows: int):
+    def __init__(self, settings: DiffusionSettings, steps: int, rows: int, width: int):
         self.settings = settings
         self.steps = steps
+        self.width = width
         self.even = None  # per row, fixed when the block's first count is asked
         self.first = 0
         self.ts = timesteps(steps, settings.eps)
@@ -66,6 +71,11 @@ class _Counts:
 
     def __call__(self, row: int, step: int, masked: int) -> int:
         s = self.settings
+        if s.num_to_transfer is not None:
+            return s.num_to_transfer
+        if s.schedule == "block":
+            counts = even_counts(self.width, self.steps)
+            return counts[step] if step < self.steps else 1
         if s.schedule == "timesteps" and not s.capped_threshold:
             return timestep_count(masked, step, self.ts) if step < self.steps else 1
         if self.even is None:
@@ -79,6 +89,42 @@ class _Counts:
         return scheduled if i < len(self.even[row]) else 1
 
 
+def block_spans(spec: DiffusionSpec, settings: DiffusionSettings, P: int, gen_length: int):
+    """The canvas length and the ``(start, end)`` of each block to denoise.
+
+    Blocks start at the prompt's end, the last one possibly shorter, or, for
+    a block-causal model, are aligned to position 0: the prompt's tail
+    shares the first block, and the canvas ends on a block edge (positions
+    past ``P + gen_length`` are denoised too and dropped, as LLaDA 2 does).
+    """
+    bl = settings.block_size(gen_length)
+    if spec.block_causal:
+        T = -(-(P + gen_length) // bl) * bl
+        return T, [(b * bl, b * bl + bl) for b in range(P // bl, T // bl)]
+    T = P + gen_length
+    return T, [(s, min(s + bl, T)) for s in range(P, T, bl)]
+
+
+def check_for_model(settings: DiffusionSettings, spec: DiffusionSpec):
+    """Refuse settings that cannot work with how the model attends."""
+    if not spec.block_causal:
+        return
+    name = spec.family
+    if settings.block_length is None:
+        raise ValueError(
+            f"{name} attends block-causally: block_length must be set (its "
+            "blocks are the attention's)"
+        )
+    if settings.cache == "dual":
+        raise ValueError(
+            f"cache='dual' keeps the canvas after the block, which a "
+            f"block-causal model ({name}) never reads: use cache='prefix' (an "
+            "exact cache of the finished blocks) or 'none'"
+        )
+    if settings.cfg_scale > 0:
+        raise ValueError(f"cfg_scale (classifier-free guidance) is not supported for {name}")
+
+
 def denoise(
     model,
     prompt: mx.array,
@@ -89,6 +135,7 @@ def denoise(
     early_stop: bool = False,
     spec: Optional[DiffusionSpec] = None,
     template: Optional[np.ndarray] = None,
+    blocks_cache: Optional[BlockPrefixCache] = None,
 ) -> Iterator[Step]:
     """Fill ``gen_length`` masks after ``prompt`` [B, P]; yield after each call.
 
@@ -96,23 +143,46 @@ def denoise(
     canvas at once). Each step runs the model, proposes a token for each
     masked position (the ``sampler``'s choice; argmax by default), and
     commits some of them (:mod:`.commit_rules`). Committed tokens are never
-    masked again. Masks inside the prompt are filled too, as the references
-    do, when every call sees the whole sequence (no cache).
+    masked again (token editing may rewrite them while their block runs).
+    Masks inside the prompt are filled too, as the references do, when every
+    call sees the whole sequence (no cache).
 
     ``template`` [B, P + gen_length], if given, is the canvas to start from:
     its masks are the gaps to fill, its other tokens stay as they are (the
     blocks are laid from P as usual; the last one may be shorter).
+
+    A block-causal model reads no further than the current block. Without a
+    cache each call runs everything up to the block's end; with
+    ``cache="prefix"`` the finished blocks' keys are kept
+    (:class:`~.caches.BlockPrefixCache`, ``blocks_cache`` to reuse one) and
+    a call runs the blocks that are not stored yet: the current block, and
+    after a block ends, that block once more to store it.
     """
     spec = spec or model.diffusion
-    settings.check(gen_length, whole_blocks=template is None)
+    block_causal = spec.block_causal
+    settings.check(gen_length, whole_blocks=template is None and not block_causal)
+    check_for_model(settings, spec)
+    if block_causal and template is not None:
+        raise ValueError(
+            f"Fill-in-the-middle needs a model that reads the text after a gap; "
+            f"{spec.family} attends block-causally (never past its block)"
+        )
+    if block_causal and attention_mask is not None and not np.array(attention_mask).all():
+        raise ValueError(
+            f"{spec.family} aligns its blocks to position 0: a left-padded batch "
+            "would shift them; generate one prompt at a time"
+        )
     mask_id = spec.mask_token_id
     shift = spec.logits_shift
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     B, P = prompt.shape
-    T = P + gen_length
+    G = P + gen_length  # the canvas that is returned
+    T, spans = block_spans(spec, settings, P, gen_length)
     block_length = settings.block_size(gen_length)
     steps_per_block = settings.steps_per_block(gen_length)
     fixed = settings.fixed_count
+    scheduled = fixed or settings.capped_threshold or settings.threshold_floor == "scheduled"
+    editing = settings.editing_threshold
     eos = spec.eos_token_id
     end_ids = np.array(spec.end_token_ids, dtype=np.int64)
     zero_conf_ids = list(spec.end_token_ids) if settings.confidence_eos_eot_inf else []
@@ -122,18 +192,27 @@ def denoise(
         x[:, :P] = np.array(prompt, dtype=np.int64)
     else:
         x = np.array(template, dtype=np.int64).reshape(B, T)
-    # What classifier-free guidance hides: every token that is not a gap.
+    canvas = x[:, :G]
+    # What classifier-free guidance hides and editing keeps: every token
+    # that is not a gap.
     prompt_index = x != mask_id
-    gaps = [gap_spans(row[P:] == mask_id) for row in x]
-    if attention_mask is not None:
+    gaps = [gap_spans(row[P:] == mask_id) for row in canvas]
+    if attention_mask is not None and not block_causal:
         attention_mask = mx.concatenate(
             [attention_mask, mx.ones((B, gen_length), attention_mask.dtype)], axis=1
         )
+    else:
+        attention_mask = None
     cfg = settings.cfg_scale > 0
     if cfg and attention_mask is not None:
         attention_mask = mx.concatenate([attention_mask, attention_mask])
-    caches = None
-    if settings.cache != "none":
+    caches = stored = None
+    if settings.cache != "none" and block_causal:
+        stored = blocks_cache if blocks_cache is not None and B == 1 else None
+        stored = stored or BlockPrefixCache(len(model.layers))
+        stored.reuse(x[0, :P], block_length, limit=spans[0][0])
+        caches = stored.layers
+    elif settings.cache != "none":
         caches = [CanvasCache() for _ in model.layers]
 
     def run_model(start, end, positions):
@@ -142,17 +221,19 @@ def denoise(
             # The unconditional half sees the prompt as masks.
             uncond = np.where(prompt_index[:, start:end], mask_id, tokens)
             tokens = np.concatenate([tokens, uncond])
-        if caches is not None:
+        if caches is not None and not block_causal:
             for c in caches:
                 c.offset = start
         # A shifted model reads position i's token from position i - 1's
         # logits (position 0 from its own).
         rows = np.maximum(positions - shift, 0) - start
+        extra = {"block_length": block_length} if block_causal else {}
         logits = model(
             mx.array(tokens),
             cache=caches,
             attention_mask=attention_mask,
             logits_positions=mx.array(rows),
+            **extra,
         ).astype(mx.float32)
         if cfg:
             cond, uncond = logits[:B], logits[B:]
@@ -161,16 +242,28 @@ def denoise(
 
     nfe = 0
     finished = False
-    for b in range(settings.blocks(gen_length)):
-        bs = P + b * block_length
-        be = min(bs + block_length, T)
+    for b, (bs, be) in enumerate(spans):
         # Without a cache every call sees the whole sequence, so masks left
         # of the block (in the prompt) are candidates too.
-        lo = 0 if caches is None else bs
-        counts = _Counts(settings, steps_per_block, B)
+        lo = 0 if caches is None and not block_causal else bs
+        width = be - lo
+        counts = _Counts(settings, steps_per_block, B, be - bs)
         step = 0
-        while (x[:, lo:be] == mask_id).any():
+        # Rows whose block is still running, and (editing) their post-steps.
+        active = np.ones(B, dtype=bool)
+        post = np.zeros(B, dtype=np.int64)
+        while True:
             masked = x[:, lo:be] == mask_id
+            filled = ~masked.any(axis=1)
+            if editing is None:
+                active &= ~filled
+            else:
+                # A full block is edited for up to max_post_steps more steps.
+                post += active & filled
+                active &= post <= settings.max_post_steps
+            if not active.any():
+                break
+            masked &= active[:, None]
             # A shifted model's block start is predicted from outside the
             # window of a cached call: the first call, over the whole canvas,
             # commits it, and only it (Fast-dLLM's Dream loop).
@@ -179,25 +272,35 @@ def denoise(
             if first_only:
                 masked = np.zeros_like(masked)
                 masked[:, 0] = x[:, bs] == mask_id
-            elif fixed or settings.capped_threshold:
+            elif scheduled:
                 k = [counts(j, step, int(masked[j].sum())) for j in range(B)]
-                if not any(k):
+                if fixed and editing is None and not any(k):
                     # A step that would commit nothing changes nothing: its
                     # model call is skipped (the reference makes it).
                     step += 1
                     continue
-            positions = lo + np.flatnonzero(masked.any(axis=0))
+            if editing is not None:
+                positions = np.arange(lo, be)  # edits need every position
+            else:
+                positions = lo + np.flatnonzero(masked.any(axis=0))
             if not len(positions):
                 # A fixed block start: the first call only refreshes the cache.
                 positions = np.array([bs])
+            if block_causal:
+                start = 0 if stored is None else stored.offset
+                logits = run_model(start, be, positions)
+                tokens_in = be - start
+                if stored is not None:
+                    # Everything before the block is final: store it.
+                    stored.keep(bs, x[0, :bs])
             # The first call of a block (or every call, without a cache) runs
             # the whole canvas; cached calls run what the mode needs.
-            if caches is None or step == 0:
-                logits = run_model(0, T, positions)
+            elif caches is None or step == 0:
+                logits, tokens_in = run_model(0, T, positions), T
             elif settings.cache == "prefix":
-                logits = run_model(bs, T, positions)
+                logits, tokens_in = run_model(bs, T, positions), T - bs
             else:
-                logits = run_model(bs, be, positions)
+                logits, tokens_in = run_model(bs, be, positions), be - bs
             nfe += 1
 
             if settings.logits_eos_inf and eos is not None:
@@ -209,16 +312,28 @@ def denoise(
             candidates = mx.array(logprobs)
             candidates[..., mask_id] = -mx.inf
             x0 = sampler(candidates.reshape(-1, V)).reshape(B, K)
+            edit_to = chosen = x0
+            if editing is not None:
+                # An edit may propose the mask itself (LLaDA 2.1 then fills
+                # that position again); a commit never does.
+                edit_to = sampler(logprobs.reshape(-1, V)).reshape(B, K)
+                x0 = mx.where(edit_to == mask_id, x0, edit_to)
+                chosen = mx.take_along_axis(logprobs, edit_to[..., None], axis=-1)
+                chosen = mx.exp(chosen[..., 0])
             conf = confidence(settings.remasking, logits, x0, zero_conf_ids)
-            mx.eval(x0, conf, logprobs)
-            width = be - lo
+            mx.eval(x0, conf, logprobs, edit_to, chosen)
             x0_np = np.zeros((B, width), dtype=np.int64)
             x0_np[:, positions - lo] = np.array(x0, dtype=np.int64)
+            edit_np = np.array(edit_to, dtype=np.int64)
             conf_np = np.full((B, width), -np.inf)
             conf_np[:, positions - lo] = np.array(conf, dtype=np.float64)
 
             committed, confidences = [], []
             for j in range(B):
+                if not active[j]:
+                    committed.append(np.zeros(0, dtype=np.int64))
+                    confidences.append(np.zeros(0))
+                    continue
                 if first_only:
                     idx = np.flatnonzero(masked[j])
                 elif settings.remasking == "origin":
@@ -232,33 +347,39 @@ def denoise(
                         settings.threshold,
                         settings.factor,
                         settings.alg_temp,
+                        settings.threshold_floor,
                     )
                     if settings.capped_threshold:
                         counts.carry[j] = k[j] - len(idx)
-                x[j, lo + idx] = x0_np[j, idx]
+                if editing is not None:
+                    # Token editing (LLaDA 2.1): a generated token whose
+                    # proposal differs and is surer than editing_threshold.
+                    p = np.array(chosen[j], dtype=np.float64)
+                    edits = np.flatnonzero(
+                        ~masked[j]
+                        & ~prompt_index[j, lo:be]
+                        & (p > editing)
+                        & (edit_np[j] != x[j, lo:be])
+                    )
+                    if filled[j] and not len(edits):
+                        active[j] = False  # nothing left to change
+                    x[j, lo + edits] = edit_np[j, edits]
+                    x[j, lo + idx] = x0_np[j, idx]
+                    idx = np.union1d(idx, edits)
+                else:
+                    x[j, lo + idx] = x0_np[j, idx]
                 committed.append(lo + idx)
                 confidences.append(conf_np[j, idx])
             step += 1
 
-            if early_stop and len(end_ids):
-                # Early: masks are left in the gaps, none in the prompt.
-                finished = bool(
-                    (x[:, P:] == mask_id).any()
-                    and not (x[:, :P] == mask_id).any()
-                    and all(
-                        _ended(row[P:][a:e], mask_id, end_ids)
-                        for row, spans in zip(x, gaps)
-                        for a, e in spans
-                    )
-                )
-                if finished:
-                    # The rest of each gap is the end padding.
-                    gen = x[:, P:]
-                    gen[gen == mask_id] = eos if eos is not None else end_ids[0]
+            # With editing a block's tokens may still change: its end is
+            # decided when the block ends.
+            if early_stop and len(end_ids) and editing is None:
+                finished = _finish(canvas, P, gaps, mask_id, end_ids, eos)
             yield Step(
                 b,
                 step - 1,
-                x,
+                canvas,
                 committed,
                 confidences,
                 positions,
@@ -266,10 +387,33 @@ def denoise(
                 nfe,
                 finished,
                 block_start=bs,
-                block_length=block_length,
+                block_length=be - bs,
+                final_end=G if editing is None else bs,
+                tokens_in=tokens_in,
             )
             if finished:
                 return
+        if early_stop and len(end_ids) and editing is not None:
+            if _finish(canvas, P, gaps, mask_id, end_ids, eos):
+                return
+
+
+def _finish(canvas, P, gaps, mask_id, end_ids, eos) -> bool:
+    """Early stop: True once every gap of every row has ended (the rest of
+    each gap is then filled with EOS), with no mask left in the prompt."""
+    done = bool(
+        (canvas[:, P:] == mask_id).any()
+        and not (canvas[:, :P] == mask_id).any()
+        and all(
+            _ended(row[P:][a:e], mask_id, end_ids)
+            for row, spans in zip(canvas, gaps)
+            for a, e in spans
+        )
+    )
+    if done:
+        gen = canvas[:, P:]
+        gen[gen == mask_id] = eos if eos is not None else end_ids[0]
+    return done
 
 
 def _ended(gen: np.ndarray, mask_id: int, end_ids: np.ndarray) -> bool:

@@ -26,19 +26,24 @@ class DiffusionModel:
         cache: Optional[Any] = None,
         attention_mask: Optional[mx.array] = None,
         logits_positions: Optional[mx.array] = None,
+        block_length: Optional[int] = None,
     ) -> mx.array:
-        """Logits ``[B, L, V]`` with full (bidirectional) attention, unshifted.
+        """Logits ``[B, L, V]``, unshifted, with full (bidirectional)
+        attention, or block-causal attention in blocks of ``block_length``
+        (default: the model's) for a model that declares it.
 
         ``attention_mask`` ``[B, K]`` marks the keys to attend to (1 keep, 0
         left padding), where ``K`` is the length of the keys (the cache's, if
         any). ``logits_positions`` (input positions) limits the output head
         to those.
         """
+        spec = self.diffusion
         if cache is not None and isinstance(cache[0], ContextCache):
-            # A token cache (make_cache): keys go stale as the context grows,
-            # so run the whole context and return the new positions' logits.
+            # A token cache (make_cache): run the whole context and return
+            # the new positions' logits.
             n = inputs.shape[1]
-            return self(cache[0].extend(inputs))[:, -n:]
+            context = cache[0].extend(inputs)
+            return self(context, block_length=block_length)[:, -n:]
         if cache is None:
             cache = [None] * len(self.layers)
         elif len(cache) != len(self.layers):
@@ -51,6 +56,11 @@ class DiffusionModel:
         if attention_mask is not None:
             mask = key_padding_mask(attention_mask, h.dtype)
             cache = self.place(cache, attention_mask)
+        if spec.block_causal:
+            offset = 0 if cache[0] is None else cache[0].offset
+            block_length = block_length or spec.defaults["block_length"]
+            blocks = block_causal_mask(offset, h.shape[1], block_length, h.dtype)
+            mask = blocks if mask is None else mask + blocks
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         if logits_positions is not None:
@@ -98,6 +108,15 @@ def key_padding_mask(attention_mask: mx.array, dtype) -> mx.array:
     query (a padding query's output is never read)."""
     keep = attention_mask.astype(mx.bool_)[:, None, None, :]
     return mx.where(keep, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+
+
+def block_causal_mask(offset: int, length: int, block_length: int, dtype):
+    """An additive mask ``[L, offset + L]`` for queries at ``offset`` on:
+    a position sees its own block and every earlier one (blocks aligned to
+    position 0)."""
+    queries = (mx.arange(offset, offset + length) // block_length)[:, None]
+    keys = (mx.arange(offset + length) // block_length)[None]
+    return mx.where(keys <= queries, mx.array(0, dtype), mx.array(-mx.inf, dtype))
 
 
 def check_config(family: str, params: dict, required, unsupported: dict):

@@ -41,7 +41,12 @@ def _llada_arguments(
         factor=factor,
         cache=cache or "none",
     )
-    return gen_length, settings, dict(temp=temperature), mask_id
+    return dict(
+        gen_length=gen_length,
+        settings=settings,
+        sampling=dict(temp=temperature),
+        mask_id=mask_id,
+    )
 
 
 # Dream's ``alg`` names for our confidence functions.
@@ -100,10 +105,76 @@ def _dream_arguments(
             f"got {alg!r}"
         )
     sampling = dict(temp=temperature, top_p=top_p or 0.0, top_k=top_k or 0)
-    return gen_length, settings, sampling, mask_token_id
+    return dict(
+        gen_length=gen_length,
+        settings=settings,
+        sampling=sampling,
+        mask_id=mask_token_id,
+    )
 
 
-REFERENCE_ARGUMENTS = {"LLaDA": _llada_arguments, "Dream": _dream_arguments}
+def _llada2_arguments(
+    prompt_length: int,
+    temperature: float = 0.0,
+    block_length: int = 32,
+    steps: int = 32,
+    gen_length: int = 2048,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    eos_early_stop: bool = False,
+    minimal_topk: int = 1,
+    threshold: float = 0.95,
+    eos_id: Optional[int] = None,
+    mask_id: Optional[int] = None,
+    editing_threshold: Optional[float] = None,
+    max_post_steps: Optional[int] = None,
+    num_to_transfer: Optional[int] = None,
+):
+    """LLaDA 2.0's ``generate`` and, given any of ``editing_threshold``,
+    ``max_post_steps`` or ``num_to_transfer``, LLaDA 2.1's (token editing;
+    ``steps`` and ``minimal_topk`` are then unused, as there).
+
+    The reference returns the generated tokens cut after the first
+    ``eos_id``: stopping once that end is final changes none of them, so
+    generation always stops there (``eos_early_stop`` is implied)."""
+    if isinstance(minimal_topk, int) and minimal_topk <= 0:
+        raise ValueError(f"minimal_topk must be positive, got {minimal_topk}")
+    settings = dict(
+        block_length=block_length,
+        threshold=threshold,
+        threshold_floor="scheduled",
+    )
+    if (editing_threshold, max_post_steps, num_to_transfer) != (None, None, None):
+        settings.update(
+            num_to_transfer=1 if num_to_transfer is None else num_to_transfer,
+            editing_threshold=0.9 if editing_threshold is None else editing_threshold,
+            max_post_steps=16 if max_post_steps is None else max_post_steps,
+        )
+    else:
+        steps = min(steps, gen_length // minimal_topk)
+        if steps <= 0:
+            raise ValueError(
+                f"steps is {steps} after min(steps, gen_length // minimal_topk) "
+                f"(gen_length {gen_length}, minimal_topk {minimal_topk}): "
+                "no step would run"
+            )
+        settings.update(steps=steps, schedule="block")
+    sampling = dict(temp=temperature, top_p=top_p or 0.0, top_k=top_k or 0)
+    return dict(
+        gen_length=gen_length,
+        settings=settings,
+        sampling=sampling,
+        mask_id=mask_id,
+        eos_id=eos_id,
+        early_stop=True,
+    )
+
+
+REFERENCE_ARGUMENTS = {
+    "LLaDA": _llada_arguments,
+    "Dream": _dream_arguments,
+    "LLaDA2": _llada2_arguments,
+}
 
 
 def diffusion_generate(
@@ -149,11 +220,18 @@ def diffusion_generate(
     if arguments is None:
         raise ValueError(f"No reference arguments are known for {spec.family}")
     try:
-        gen_length, given, sampling, mask_id = arguments(prompt.shape[1], **params)
+        call = arguments(prompt.shape[1], **params)
     except TypeError as e:
         raise ValueError(f"{spec.family}'s diffusion_generate: {e}") from None
+    gen_length, given, sampling = call["gen_length"], call["settings"], call["sampling"]
+    mask_id = call["mask_id"]
     if mask_id is not None and mask_id != spec.mask_token_id:
         spec = dataclasses.replace(spec, mask_token_id=mask_id)
+    if "eos_id" in call:
+        # The reference's only end token.
+        eos_id = spec.eos_token_id if call["eos_id"] is None else call["eos_id"]
+        spec = dataclasses.replace(spec, eos_token_id=eos_id, eot_token_id=None)
+    early_stop = early_stop or call.get("early_stop", False)
     if sampler is None and sampling["temp"] > 0:
         from mlx_lm.sample_utils import make_sampler
 

@@ -15,8 +15,16 @@ import numpy as np
 REMASKING = ("low_confidence", "topk_margin", "entropy", "random", "origin")
 CACHE_MODES = ("none", "prefix", "dual")
 # How many tokens a fixed-count step commits: an even split of the block's
-# masks over its steps (LLaDA), or Dream's timestep schedule.
-SCHEDULES = ("even", "timesteps")
+# masks over its steps (LLaDA), of the block's length (LLaDA 2: a block that
+# begins in the prompt keeps a full block's counts), or Dream's timesteps.
+SCHEDULES = ("even", "block", "timesteps")
+# What a threshold step commits besides the proposals above the threshold:
+# at least one (Fast-dLLM, ">= threshold") or at least the scheduled count
+# (LLaDA 2, "> threshold").
+THRESHOLD_FLOORS = ("one", "scheduled")
+# How a model attends: to the whole sequence, or (block diffusion: LLaDA 2)
+# to its own block and every block before it, blocks aligned to position 0.
+ATTENTION = ("bidirectional", "block_causal")
 
 
 # Fast-dLLM's decoding (blocks of 32, dual cache, threshold 0.9): what LLaDA
@@ -37,7 +45,10 @@ class DiffusionSpec:
     the logits at position i - 1 (Dream: initialised from an autoregressive
     model). ``reference`` holds the settings that ``reference=True`` forces:
     the family's exact reference schedule. ``family`` names the model family
-    in messages.
+    in messages. ``attention`` is ``"bidirectional"`` or ``"block_causal"``
+    (blocks of the sampler's ``block_length``, aligned to position 0: the
+    prompt's tail shares the first generated block, and the keys of finished
+    blocks never change, so a cache of them is exact).
     """
 
     mask_token_id: int
@@ -47,6 +58,7 @@ class DiffusionSpec:
     max_sequence_length: Optional[int] = None
     logits_shift: int = 0
     family: str = "LLaDA"
+    attention: str = "bidirectional"
     defaults: Dict[str, Any] = field(default_factory=dict)
     reference: Dict[str, Any] = field(
         default_factory=lambda: {"threshold": None, "factor": None, "cache": "none"}
@@ -66,6 +78,10 @@ class DiffusionSpec:
             defaults={**defaults, **(args.diffusion_defaults or {})},
             **traits,
         )
+
+    @property
+    def block_causal(self) -> bool:
+        return self.attention == "block_causal"
 
     @property
     def end_token_ids(self):
@@ -92,6 +108,15 @@ class DiffusionSettings:
     deferred). ``cache`` is ``"none"``, ``"prefix"`` or ``"dual"``.
     ``reference=True`` asks for the model's exact reference schedule, whatever
     its defaults say.
+
+    LLaDA 2's decoding: ``schedule="block"`` (``steps`` then counts the steps
+    of each block), ``threshold_floor="scheduled"`` (a step commits every
+    proposal above ``threshold``, at least its scheduled count), and LLaDA
+    2.1's ``num_to_transfer`` (that count for every step, ``steps`` unused)
+    and token editing: with ``editing_threshold``, a step also rewrites the
+    block's generated tokens whose proposal differs and is more probable than
+    it; once the block has no mask, up to ``max_post_steps`` more steps edit
+    it, and it ends at the first step that changes nothing.
     """
 
     steps: Optional[int] = None
@@ -106,6 +131,10 @@ class DiffusionSettings:
     threshold: Optional[float] = None
     factor: Optional[float] = None
     capped_threshold: bool = False
+    threshold_floor: str = "one"
+    num_to_transfer: Optional[int] = None
+    editing_threshold: Optional[float] = None
+    max_post_steps: int = 16
     cache: str = "none"
     reference: bool = False
 
@@ -120,6 +149,7 @@ class DiffusionSettings:
             ("remasking", REMASKING),
             ("schedule", SCHEDULES),
             ("cache", CACHE_MODES),
+            ("threshold_floor", THRESHOLD_FLOORS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -139,6 +169,14 @@ class DiffusionSettings:
             raise ValueError("threshold and factor are two rules: set only one")
         if self.capped_threshold and self.threshold is None:
             raise ValueError("capped_threshold caps the threshold rule: set threshold")
+        if self.num_to_transfer is not None and self.num_to_transfer <= 0:
+            raise ValueError(
+                f"num_to_transfer must be positive, got {self.num_to_transfer}"
+            )
+        if self.max_post_steps < 0:
+            raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
+        if self.threshold_floor == "scheduled" and self.threshold is None:
+            raise ValueError("threshold_floor='scheduled' floors the threshold rule: set threshold")
         parallel = self.threshold is not None or self.factor is not None
         if parallel and self.remasking == "origin":
             raise ValueError(
@@ -172,8 +210,8 @@ class DiffusionSettings:
     def check(self, gen_length: int, whole_blocks: bool = True):
         """Raise a ValueError naming the first impossible setting.
 
-        ``whole_blocks=False`` (a canvas from a template) lets the last block
-        be shorter than the others."""
+        ``whole_blocks=False`` (a canvas from a template, or blocks aligned
+        to position 0) lets the canvas end inside a block."""
         self.check_values()
         if gen_length <= 0:
             raise ValueError(f"gen_length must be positive, got {gen_length}")
@@ -183,6 +221,8 @@ class DiffusionSettings:
                 f"gen_length ({gen_length}) must be a multiple of "
                 f"block_length ({block_length})"
             )
+        if self.schedule == "block" or self.num_to_transfer is not None:
+            return  # steps count per block, or are unused
         blocks = self.blocks(gen_length)
         if self.fixed_count or self.capped_threshold:
             steps = self.steps if self.steps is not None else blocks * block_length
@@ -201,6 +241,8 @@ class DiffusionSettings:
         return -(-gen_length // self.block_size(gen_length))
 
     def steps_per_block(self, gen_length: int) -> int:
+        if self.schedule == "block":
+            return self.steps or self.block_size(gen_length)
         if self.steps is None:
             return self.block_size(gen_length)
         return self.steps // self.blocks(gen_length)
