@@ -3,7 +3,7 @@
 import argparse
 import functools
 
-from .diffusion import CACHE_MODES, REMASKING, SCHEDULES
+from .diffusion import CACHE_MODES, REMASKING, SCHEDULES, THRESHOLD_FLOORS
 from .infill import parse_gaps, template
 from .mlx_lm_patches import has_own_generation
 from .plugin_settings import set_command_settings
@@ -11,7 +11,11 @@ from .visualize import watch_command
 
 FLAGS = {
     # setting: (type, help)
-    "steps": (str, "Denoising steps for the whole canvas (default: its length)"),
+    "steps": (
+        str,
+        "Denoising steps for the whole canvas (default: its length; with "
+        "--schedule block, per block)",
+    ),
     "block_length": (
         str,
         "Tokens per semi-autoregressive block (default: 32; 'none': the whole "
@@ -34,6 +38,21 @@ FLAGS = {
         "Fast-dLLM parallel decoding: commit every token this sure ('none': off)",
     ),
     "factor": (str, "Fast-dLLM parallel decoding, factor rule ('none': off)"),
+    "threshold_floor": (
+        str,
+        f"What a threshold step commits at least: {', '.join(THRESHOLD_FLOORS)} "
+        "(LLaDA 2: its scheduled count)",
+    ),
+    "num_to_transfer": (
+        str,
+        "Tokens every step commits at least, steps unused (LLaDA 2.1; 'none': off)",
+    ),
+    "editing_threshold": (
+        str,
+        "Token editing (LLaDA 2.1): rewrite a generated token whose proposal "
+        "is this sure ('none': off)",
+    ),
+    "max_post_steps": (int, "Editing steps after a block is full (default: 16)"),
     "cache": (str, f"Key/value cache across steps: {', '.join(CACHE_MODES)}"),
 }
 BOOL_FLAGS = {

@@ -122,7 +122,7 @@ class _Pieces:
 
 
 def _prompt_length(st) -> int:
-    return st.block_start - st.block * st.block_length
+    return st.prompt_length
 
 
 def _block_end(st) -> int:

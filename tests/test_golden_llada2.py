@@ -137,12 +137,16 @@ def test_cache_is_mlx_lm_kv_cache_of_finished_blocks():
     assert blocks.tokens == np.array(last.canvas)[0, : last.block_start].tolist()
     # A second run over the same prompt reuses the prompt's whole blocks.
     calls = []
-    steps = denoise(model, mx.array([prompt]), 8, config, spec=spec, blocks_cache=blocks)
+    steps = denoise(
+        model, mx.array([prompt]), 8, config, spec=spec, blocks_cache=blocks
+    )
     calls = [s.tokens_in for s in steps]
     assert calls[0] == 4  # block 2 (positions 8-11) only
     # Another block length: the stored keys saw other blocks, none is kept.
     config = resolve_settings(spec, dict(block_length=8, cache="prefix"))
-    steps = denoise(model, mx.array([prompt]), 8, config, spec=spec, blocks_cache=blocks)
+    steps = denoise(
+        model, mx.array([prompt]), 8, config, spec=spec, blocks_cache=blocks
+    )
     assert next(steps).tokens_in == 16
 
 
@@ -270,3 +274,11 @@ def test_reference_arguments_refuse_what_cannot_run():
         diffusion_generate(model, mx.array([[3, 4]]), gen_length=4, minimal_topk=8)
     with pytest.raises(ValueError, match="unexpected keyword"):
         diffusion_generate(model, mx.array([[3, 4]]), max_new_tokens=4)
+
+
+def test_fine_tuning_is_refused():
+    from mlx_lm_llada.diffusion.training import mlx_lm_loss
+
+    model, _ = load()
+    with pytest.raises(ValueError, match="block diffusion"):
+        mlx_lm_loss(model, mx.array([[3, 4, 5, 6]]), mx.array([[0, 4]]))

@@ -55,6 +55,7 @@ class Step:
     # block's tokens are final once the block ends).
     final_end: int = 0
     tokens_in: int = 0  # positions the model call processed
+    prompt_length: int = 0
 
 
 class _Counts:
@@ -89,7 +90,9 @@ class _Counts:
         return scheduled if i < len(self.even[row]) else 1
 
 
-def block_spans(spec: DiffusionSpec, settings: DiffusionSettings, P: int, gen_length: int):
+def block_spans(
+    spec: DiffusionSpec, settings: DiffusionSettings, P: int, gen_length: int
+):
     """The canvas length and the ``(start, end)`` of each block to denoise.
 
     Blocks start at the prompt's end, the last one possibly shorter, or, for
@@ -122,7 +125,9 @@ def check_for_model(settings: DiffusionSettings, spec: DiffusionSpec):
             "exact cache of the finished blocks) or 'none'"
         )
     if settings.cfg_scale > 0:
-        raise ValueError(f"cfg_scale (classifier-free guidance) is not supported for {name}")
+        raise ValueError(
+            f"cfg_scale (classifier-free guidance) is not supported for {name}"
+        )
 
 
 def denoise(
@@ -167,7 +172,11 @@ def denoise(
             f"Fill-in-the-middle needs a model that reads the text after a gap; "
             f"{spec.family} attends block-causally (never past its block)"
         )
-    if block_causal and attention_mask is not None and not np.array(attention_mask).all():
+    if (
+        block_causal
+        and attention_mask is not None
+        and not np.array(attention_mask).all()
+    ):
         raise ValueError(
             f"{spec.family} aligns its blocks to position 0: a left-padded batch "
             "would shift them; generate one prompt at a time"
@@ -181,7 +190,9 @@ def denoise(
     block_length = settings.block_size(gen_length)
     steps_per_block = settings.steps_per_block(gen_length)
     fixed = settings.fixed_count
-    scheduled = fixed or settings.capped_threshold or settings.threshold_floor == "scheduled"
+    scheduled = (
+        fixed or settings.capped_threshold or settings.threshold_floor == "scheduled"
+    )
     editing = settings.editing_threshold
     eos = spec.eos_token_id
     end_ids = np.array(spec.end_token_ids, dtype=np.int64)
@@ -376,6 +387,14 @@ def denoise(
             # decided when the block ends.
             if early_stop and len(end_ids) and editing is None:
                 finished = _finish(canvas, P, gaps, mask_id, end_ids, eos)
+            if be > G:
+                # The last block of a block-causal model runs past the canvas
+                # that is returned: report only what is in it.
+                shown = positions < G
+                logprobs = logprobs[:, mx.array(np.flatnonzero(shown))]
+                positions = positions[shown]
+                confidences = [c[i < G] for c, i in zip(confidences, committed)]
+                committed = [i[i < G] for i in committed]
             yield Step(
                 b,
                 step - 1,
@@ -387,9 +406,10 @@ def denoise(
                 nfe,
                 finished,
                 block_start=bs,
-                block_length=be - bs,
+                block_length=block_length,
                 final_end=G if editing is None else bs,
                 tokens_in=tokens_in,
+                prompt_length=P,
             )
             if finished:
                 return

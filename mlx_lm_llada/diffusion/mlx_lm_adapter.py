@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from .caches import ContextCache
+from .caches import BlockPrefixCache, ContextCache
 from .loop import Step, denoise, gap_spans
 from .reference_api import check_length
 from .settings import DiffusionSpec, resolve_settings
@@ -73,6 +73,8 @@ def stream_diffusion(
     if template is None:
         block_length = config.block_size(max_tokens)
         gen_length = -(-max_tokens // block_length) * block_length
+        if spec.block_causal:
+            gen_length = max_tokens  # blocks are aligned to position 0
         tail = None
     else:
         tail = template_tail(template, spec.mask_token_id)
@@ -101,7 +103,30 @@ def stream_diffusion(
         spans = gap_spans(np.array(tail) == spec.mask_token_id)
         gaps = [[P + i for i in range(a, e)] for a, e in spans]
     end_ids = set(spec.end_token_ids)
+    blocks = None
+    if context_cache is not None and spec.block_causal:
+        # The keys of the conversation's finished blocks, kept across turns.
+        if context_cache.blocks is None:
+            context_cache.blocks = BlockPrefixCache(len(model.layers))
+        blocks = context_cache.blocks
     pending = {}
+
+    def ready(row, final_end):
+        """The tokens that are final and next in order."""
+        while gaps and gaps[0][0] in pending and gaps[0][0] < final_end:
+            pos = gaps[0].pop(0)
+            token = int(row[pos])
+            logprobs = pending.pop(pos)
+            ended = token in end_ids
+            if ended and len(gaps) > 1:
+                gaps.pop(0)  # the rest of this gap is end padding
+                continue
+            if not gaps[0]:
+                gaps.pop(0)
+            if ended:
+                gaps.clear()
+            yield token, logprobs
+
     with mx.stream(stream or mx.default_stream(mx.default_device())):
         steps = denoise(
             model,
@@ -112,7 +137,9 @@ def stream_diffusion(
             early_stop=True,
             spec=spec,
             template=None if tail is None else np.array([prompt + tail]),
+            blocks_cache=blocks,
         )
+        st = None
         for st in steps:
             if on_step is not None:
                 on_step(st)
@@ -120,23 +147,20 @@ def stream_diffusion(
                 prompt_progress_callback(P, P)
             rows = {int(p): k for k, p in enumerate(st.positions)}
             for pos in st.committed[0]:
+                # An edited token's logprobs are those of its last writing.
                 pending[int(pos)] = st.logprobs[0, rows[int(pos)]]
-            row = st.canvas[0]
-            while gaps and gaps[0][0] in pending:
-                pos = gaps[0].pop(0)
-                token = int(row[pos])
-                logprobs = pending.pop(pos)
-                ended = token in end_ids
-                if ended and len(gaps) > 1:
-                    gaps.pop(0)  # the rest of this gap is end padding
-                    continue
-                if not gaps[0]:
-                    gaps.pop(0)
+            for token, logprobs in ready(st.canvas[0], st.final_end):
                 if context_cache is not None:
                     context_cache.tokens.append(token)
                 yield token, logprobs
-                if ended or not gaps:
-                    return
+            if not gaps:
+                return
+        if st is not None:
+            # The loop has ended: every token is final.
+            for token, logprobs in ready(st.canvas[0], len(st.canvas[0])):
+                if context_cache is not None:
+                    context_cache.tokens.append(token)
+                yield token, logprobs
 
 
 def template_tail(template, mask_id: int) -> List[int]:

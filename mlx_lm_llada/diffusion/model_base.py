@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .caches import ContextCache
+from .caches import BlockPrefixCache, ContextCache
 from .mlx_lm_adapter import stream_diffusion
 
 
@@ -71,6 +71,8 @@ class DiffusionModel:
         return cache
 
     def make_cache(self):
+        if self.diffusion.block_causal:
+            return [ContextCache(blocks=BlockPrefixCache(len(self.layers)))]
         return [ContextCache()]
 
     def generate_step(self, prompt: mx.array, **kwargs):

@@ -176,7 +176,9 @@ class DiffusionSettings:
         if self.max_post_steps < 0:
             raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
         if self.threshold_floor == "scheduled" and self.threshold is None:
-            raise ValueError("threshold_floor='scheduled' floors the threshold rule: set threshold")
+            raise ValueError(
+                "threshold_floor='scheduled' floors the threshold rule: set threshold"
+            )
         parallel = self.threshold is not None or self.factor is not None
         if parallel and self.remasking == "origin":
             raise ValueError(

@@ -45,6 +45,13 @@ def diffusion_loss(
 
     Returns the loss and the number of scored tokens."""
     spec = model.diffusion
+    if spec.block_causal:
+        # Block diffusion trains each block against a clean copy of the
+        # blocks before it: another objective, not this one.
+        raise ValueError(
+            f"Fine-tuning {spec.family} (block diffusion) is not supported: "
+            "the masked-diffusion loss is for bidirectional models"
+        )
     inputs = mx.where(masked, spec.mask_token_id, tokens)
     logits = model(inputs, attention_mask=attention_mask)
     if spec.logits_shift:
