@@ -1,7 +1,7 @@
 """Diffusion decoding modes against mlx-lm's autoregressive decoding, one run.
 
-For one model geometry (a LLaDA or a Dream shape) it measures, on this
-machine and in this process:
+For one model geometry (a LLaDA, Dream or LLaDA 2 shape) it measures, on
+this machine and in this process:
 
 - the reference schedule (one full pass per step), Fast-dLLM's prefix cache,
   dual cache, and dual cache with threshold 0.9: tokens per second, model
@@ -9,8 +9,13 @@ machine and in this process:
 - the cost of one step of each kind (full pass, prefix step, dual step)
   against the full pass;
 - mlx-lm's own autoregressive decoding (``generate_step``) of the model it
-  descends from (a llama for LLaDA, a Qwen2 for Dream) of the same width,
-  depth, vocabulary and dtype, generating as many tokens.
+  descends from (a llama for LLaDA, a Qwen2 for Dream, mlx-lm's
+  ``bailing_moe`` for LLaDA 2) of the same width, depth, vocabulary and
+  dtype, generating as many tokens.
+
+For LLaDA 2 (block-causal) the modes are its reference (every step
+recomputes the prompt and every finished block) and the exact cache of
+finished blocks; each row also gives the tokens a model call processes.
 
 Run it with OpenBLAS preloaded on Linux (see benchmarks/README.md).
 """
@@ -35,6 +40,8 @@ from mlx_lm_llada import diffusion_generate
 CANVAS = {
     "LLaDA": lambda n, b: dict(steps=n, gen_length=n, block_length=b),
     "Dream": lambda n, b: dict(steps=n, max_new_tokens=n, block_length=b),
+    # LLaDA 2: steps per block; its threshold 0.95 with the scheduled floor.
+    "LLaDA2": lambda n, b: dict(steps=b, gen_length=n, block_length=b),
 }
 
 # Each decoding mode in the family's diffusion_generate arguments.
@@ -55,6 +62,10 @@ MODES = {
         "dual cache + threshold 0.9": dict(
             alg="confidence_threshold", threshold=0.9, dual_cache=True
         ),
+    },
+    "LLaDA2": {
+        "reference": dict(cache="none"),
+        "block cache (exact)": dict(cache="prefix"),
     },
 }
 
@@ -110,6 +121,51 @@ def dream_model(g, dtype, bits):
     )
 
 
+def _bailing_args(g):
+    # Ling-2.0's router: 8 groups, 4 kept, top-8 of the experts, a shared one.
+    return dict(
+        model_type="bailing_moe",
+        hidden_size=g["d_model"],
+        intermediate_size=g["mlp_hidden_size"],
+        max_position_embeddings=32768,
+        moe_intermediate_size=g["expert_hidden_size"],
+        num_experts=g["experts"],
+        num_shared_experts=1,
+        norm_topk_prob=True,
+        num_attention_heads=g["n_heads"],
+        num_experts_per_tok=8,
+        num_hidden_layers=g["n_layers"],
+        num_key_value_heads=g["n_kv_heads"],
+        rms_norm_eps=1e-6,
+        rope_theta=600000.0,
+        vocab_size=g["vocab"],
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+        moe_router_enable_expert_bias=True,
+        routed_scaling_factor=2.5,
+        score_function="sigmoid",
+        n_group=8,
+        topk_group=4,
+    )
+
+
+def bailing_model(g, dtype, bits):
+    from mlx_lm.models import bailing_moe
+
+    return _finish(
+        bailing_moe.Model(bailing_moe.ModelArgs(**_bailing_args(g))), dtype, bits
+    )
+
+
+def llada2_model(g, dtype, bits):
+    from mlx_lm_llada.models import llada2_moe
+
+    args = {**_bailing_args(g), "model_type": "llada2_moe"}
+    ids = dict(mask_token_id=g["vocab"] - 128, eos_token_id=g["vocab"] - 127)
+    return _finish(llada2_moe.Model(llada2_moe.ModelArgs(**args, **ids)), dtype, bits)
+
+
 def _hf_model(module, g, dtype, bits, **args):
     """``module``'s Model (Hugging Face argument names) of the shape ``g``."""
     args = module.ModelArgs(
@@ -146,9 +202,19 @@ DREAM = dict(
     autoregressive=qwen2_model,
     embedding=lambda model: model.model.embed_tokens,
 )
+LLADA2 = dict(model=llada2_model, autoregressive=bailing_model, embedding=None)
 
 
-def shape(d_model, n_layers, n_heads, mlp_hidden_size, vocab, n_kv_heads=None):
+def shape(
+    d_model,
+    n_layers,
+    n_heads,
+    mlp_hidden_size,
+    vocab,
+    n_kv_heads=None,
+    experts=None,
+    expert_hidden_size=None,
+):
     """A geometry's shape, in these names (``n_kv_heads`` None: one per head)."""
     given = dict(locals())
     return {k: v for k, v in given.items() if v is not None}
@@ -162,8 +228,23 @@ GEOMETRIES = {
     # heads, MLP 18944) scaled the same way, by 4 but for the full 152,064-row
     # vocabulary; q/k/v biases, as Qwen2.
     "dream-7b-scaled": dict(DREAM, shape=shape(896, 7, 7, 4736, 152064, n_kv_heads=1)),
+    # LLaDA2.0-mini's (Ling-mini-2.0: 2048 wide, 20 layers, 16 heads of 128,
+    # 4 KV heads, 256 experts of 512, top-8) scaled to a 2-core CPU: 4 times
+    # narrower, 6 layers, 64 experts, with the full 157,184-row vocabulary.
+    "llada2-mini-scaled": dict(
+        LLADA2,
+        shape=shape(
+            512, 6, 8, 1280, 157184, n_kv_heads=2, experts=64, expert_hidden_size=128
+        ),
+    ),
     "tiny": dict(LLADA, shape=shape(64, 2, 4, 160, 512)),
     "tiny-dream": dict(DREAM, shape=shape(64, 2, 4, 160, 512, n_kv_heads=2)),
+    "tiny-llada2": dict(
+        LLADA2,
+        shape=shape(
+            64, 2, 4, 128, 512, n_kv_heads=2, experts=16, expert_hidden_size=32
+        ),
+    ),
 }
 
 
@@ -185,6 +266,7 @@ def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_s
     before the end."""
     P = prompt.shape[1]
     calls = []
+    tokens_in = []
     committed = []
 
     class Stop(Exception):
@@ -192,6 +274,7 @@ def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_s
 
     def on_step(step):
         calls.append(step.nfe)
+        tokens_in.append(step.tokens_in)
         committed.append(int((step.canvas[0, P:] != mask_id).sum()))
         if committed[-1] >= blocks * block_length:
             raise Stop
@@ -224,6 +307,7 @@ def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_s
         seconds=seconds,
         tokens_per_second=tokens / seconds,
         calls_per_token=nfe / max(tokens, 1),
+        tokens_per_call=float(np.mean(tokens_in)),
         peak_gb=peak,
     )
 
@@ -513,7 +597,7 @@ def main():
     parser.add_argument(
         "--modes",
         nargs="+",
-        choices=MODES["LLaDA"],
+        choices=sorted({m for modes in MODES.values() for m in modes}),
         help="with --geometry: only these decoding modes (default: all)",
     )
     parser.add_argument(
@@ -576,16 +660,18 @@ def main():
         if rows:
             rows.append(run_autoregressive(ar_model, prompt, rows[0]["tokens"]))
             print(json.dumps(rows[-1]), flush=True)
-        costs = step_costs(
-            model,
-            ar_model,
-            geometry["embedding"],
-            prompt,
-            args.gen_length,
-            args.block_length,
-            args.repeat,
-        )
-        print(json.dumps(costs), flush=True)
+        costs = None
+        if geometry["embedding"] is not None:
+            costs = step_costs(
+                model,
+                ar_model,
+                geometry["embedding"],
+                prompt,
+                args.gen_length,
+                args.block_length,
+                args.repeat,
+            )
+            print(json.dumps(costs), flush=True)
         bits = f"{args.bits}-bit" if args.bits else args.dtype
         title = f"{args.geometry} (random weights), {bits}, canvas {args.gen_length}"
 

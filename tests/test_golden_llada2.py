@@ -50,21 +50,11 @@ def test_forward_logits(case):
 
 @pytest.mark.parametrize("cache", ["none", "prefix"])
 @pytest.mark.parametrize("case", SAMPLER + CHAT, ids=case_id)
-def test_reference_generate(case, cache, monkeypatch):
+def test_reference_generate(case, cache):
     """Token for token, as the reference recomputes and with the cache."""
-    from mlx_lm_llada.diffusion import reference_api
-
-    arguments = reference_api.REFERENCE_ARGUMENTS["LLaDA2"]
-
-    def with_cache(*args, **kwargs):
-        call = arguments(*args, **kwargs)
-        call["settings"]["cache"] = cache
-        return call
-
-    monkeypatch.setitem(reference_api.REFERENCE_ARGUMENTS, "LLaDA2", with_cache)
     model, _ = load(case["model"])
     tokens, nfe = diffusion_generate(
-        model, mx.array(case["prompt_ids"]), **case["params"]
+        model, mx.array(case["prompt_ids"]), cache=cache, **case["params"]
     )
     P = len(case["prompt_ids"][0])
     assert tokens.shape == (1, P + case["params"]["gen_length"])
@@ -282,3 +272,27 @@ def test_fine_tuning_is_refused():
     model, _ = load()
     with pytest.raises(ValueError, match="block diffusion"):
         mlx_lm_loss(model, mx.array([[3, 4, 5, 6]]), mx.array([[0, 4]]))
+
+
+def test_editing_that_writes_masks_back_still_ends():
+    """With editing_threshold 0 this model keeps editing tokens back into the
+    mask, so that its blocks never become full: the reference's loop would not
+    end. Past a block's length plus max_post_steps, the block is only filled."""
+    model, tokenizer = load()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True
+    )
+    seen = []
+    tokens, nfe = diffusion_generate(
+        model,
+        mx.array([prompt]),
+        gen_length=40,
+        block_length=32,
+        editing_threshold=0.0,
+        num_to_transfer=4,
+        on_step=lambda s: seen.append(s.block_start),
+    )
+    assert not (np.array(tokens) == MASK).any()
+    steps = {b: seen.count(b) for b in set(seen)}
+    assert max(steps.values()) > 32  # the limit was reached ...
+    assert all(n <= 32 + 16 + 32 for n in steps.values())  # ... and held

@@ -225,3 +225,34 @@ def test_llada2_convert_4bit_then_generate(tmp_path):
     assert mx.all(mx.isfinite(logits)).item()
     cos = (mx.sum(logits * ref) / mx.sqrt(mx.sum(logits**2) * mx.sum(ref**2))).item()
     assert cos > 0.9, cos
+
+
+# 5. Our generate command's trace, with LLaDA 2.1's editing ------------------------
+
+
+def test_llada2_trace_with_editing(tmp_path):
+    """Each record names the positions a step wrote (commits and edits):
+    replaying them gives the streamed tokens, though edits rewrite some."""
+    from mlx_lm_llada.visualize import read_trace, replay
+
+    trace = tmp_path / "trace.jsonl"
+    settings = ["--editing-threshold", "0.0", "--num-to-transfer", "4"]
+    args = ["--model", path(LLADA2), "--prompt", "hello", "--max-tokens", 40]
+    out = run_command("mlx_lm_llada.generate", *args, *settings, "--trace", trace)
+    assert out.returncode == 0, out.stderr
+    (records,) = read_trace(trace)
+    start, steps, end = records[0], records[1:-1], records[-1]
+    prompt = chat_ids(LLADA2, user("hello"))
+    assert start["prompt_length"] == len(prompt) and start["gen_length"] == 40
+    # The first block begins in the prompt (blocks are aligned to 0).
+    assert steps[0]["block_start"] == len(prompt) // 32 * 32
+    written = [p for s in steps for p in s["positions"]]
+    assert len(written) > len(set(written))  # some positions were edited
+    assert max(written) < len(prompt) + 40  # nothing past the canvas
+    assert replay(records) == end["tokens"]
+    responses = in_process(
+        LLADA2, prompt, max_tokens=40, editing_threshold=0.0, num_to_transfer=4
+    )
+    assert end["tokens"][len(prompt) :][: len(responses)] == [
+        r.token for r in responses
+    ]

@@ -259,6 +259,7 @@ def denoise(
         lo = 0 if caches is None and not block_causal else bs
         width = be - lo
         counts = _Counts(settings, steps_per_block, B, be - bs)
+        edit_limit = be - bs + settings.max_post_steps
         step = 0
         # Rows whose block is still running, and (editing) their post-steps.
         active = np.ones(B, dtype=bool)
@@ -372,6 +373,11 @@ def denoise(
                         & (p > editing)
                         & (edit_np[j] != x[j, lo:be])
                     )
+                    if step >= edit_limit:
+                        # Edits that keep writing masks back would run the
+                        # block forever (the reference's loop would): past
+                        # its length plus max_post_steps, it is only filled.
+                        edits = edits[:0]
                     if filled[j] and not len(edits):
                         active[j] = False  # nothing left to change
                     x[j, lo + edits] = edit_np[j, edits]

@@ -129,10 +129,14 @@ def _llada2_arguments(
     editing_threshold: Optional[float] = None,
     max_post_steps: Optional[int] = None,
     num_to_transfer: Optional[int] = None,
+    cache: str = "prefix",
 ):
     """LLaDA 2.0's ``generate`` and, given any of ``editing_threshold``,
     ``max_post_steps`` or ``num_to_transfer``, LLaDA 2.1's (token editing;
-    ``steps`` and ``minimal_topk`` are then unused, as there).
+    ``steps`` and ``minimal_topk`` are then unused, as there). ``cache`` is
+    ours: ``"prefix"`` keeps the finished blocks' keys (the same tokens and
+    calls), ``"none"`` recomputes every earlier block at every step, as the
+    reference does.
 
     The reference returns the generated tokens cut after the first
     ``eos_id``: stopping once that end is final changes none of them, so
@@ -143,6 +147,7 @@ def _llada2_arguments(
         block_length=block_length,
         threshold=threshold,
         threshold_floor="scheduled",
+        cache=cache,
     )
     if (editing_threshold, max_post_steps, num_to_transfer) != (None, None, None):
         settings.update(
@@ -209,10 +214,16 @@ def diffusion_generate(
             ``max_new_tokens`` (or ``max_length``), ``steps``, ``eps``,
             ``alg``, ``alg_temp``, ``temperature``, ``top_p``, ``top_k`` and
             Fast-dLLM's ``threshold``, ``block_length``, ``dual_cache``.
+            LLaDA 2: ``gen_length``, ``block_length``, ``steps``,
+            ``threshold``, ``minimal_topk``, ``eos_early_stop``, ``eos_id``,
+            ``mask_id``, ``temperature``, ``top_p``, ``top_k``, 2.1's
+            ``editing_threshold``, ``max_post_steps``, ``num_to_transfer``,
+            and ``cache`` (``"prefix"``, exact, or ``"none"``).
 
     Returns:
         ``(tokens, nfe)``: the whole sequence ``[B, P + gen_length]`` and the
-        number of model calls.
+        number of model calls. LLaDA 2 stops at the first ``eos_id`` (its
+        reference returns the generated tokens cut there); the rest is EOS.
     """
     prompt = as_batch(prompt)
     spec = model.diffusion
