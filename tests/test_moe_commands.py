@@ -237,6 +237,7 @@ def test_llada2_trace_with_editing(tmp_path):
 
     trace = tmp_path / "trace.jsonl"
     settings = ["--editing-threshold", "0.0", "--num-to-transfer", "4"]
+    settings += ["--max-post-steps", "1"]
     args = ["--model", path(LLADA2), "--prompt", "hello", "--max-tokens", 40]
     out = run_command("mlx_lm_llada.generate", *args, *settings, "--trace", trace)
     assert out.returncode == 0, out.stderr
@@ -251,7 +252,12 @@ def test_llada2_trace_with_editing(tmp_path):
     assert max(written) < len(prompt) + 40  # nothing past the canvas
     assert replay(records) == end["tokens"]
     responses = in_process(
-        LLADA2, prompt, max_tokens=40, editing_threshold=0.0, num_to_transfer=4
+        LLADA2,
+        prompt,
+        max_tokens=40,
+        editing_threshold=0.0,
+        num_to_transfer=4,
+        max_post_steps=1,
     )
     assert end["tokens"][len(prompt) :][: len(responses)] == [
         r.token for r in responses

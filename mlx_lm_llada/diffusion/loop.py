@@ -141,8 +141,13 @@ def denoise(
     spec: Optional[DiffusionSpec] = None,
     template: Optional[np.ndarray] = None,
     blocks_cache: Optional[BlockPrefixCache] = None,
+    noise: Optional[Callable[[int, tuple], mx.array]] = None,
+    encoder_cache: Optional["EncoderCache"] = None,
 ) -> Iterator[Step]:
     """Fill ``gen_length`` masks after ``prompt`` [B, P]; yield after each call.
+
+    A uniform-noise model (``spec.noise``) is denoised by
+    :func:`denoise_uniform` (``noise`` and ``encoder_cache`` are its).
 
     The canvas is filled block by block, left to right (one block: the whole
     canvas at once). Each step runs the model, proposes a token for each
@@ -164,6 +169,26 @@ def denoise(
     after a block ends, that block once more to store it.
     """
     spec = spec or model.diffusion
+    if spec.noise == "uniform":
+        if template is not None:
+            raise ValueError(
+                f"Fill-in-the-middle is not supported for {spec.family} "
+                "(uniform noise: no mask marks a gap)"
+            )
+        yield from denoise_uniform(
+            model,
+            prompt,
+            gen_length,
+            settings,
+            attention_mask=attention_mask,
+            sampler=sampler,
+            spec=spec,
+            noise=noise,
+            encoder_cache=encoder_cache,
+        )
+        return
+    if noise is not None or encoder_cache is not None:
+        raise ValueError("noise and encoder_cache are for uniform-noise models")
     block_causal = spec.block_causal
     settings.check(gen_length, whole_blocks=template is None and not block_causal)
     check_for_model(settings, spec)
@@ -259,7 +284,11 @@ def denoise(
         lo = 0 if caches is None and not block_causal else bs
         width = be - lo
         counts = _Counts(settings, steps_per_block, B, be - bs)
-        edit_limit = be - bs + settings.max_post_steps
+        # Editing can write masks back; a model that does so at every step
+        # never fills the block (the reference's loop never ends). Past this
+        # many steps the block is only filled: twice the most that a golden
+        # block took, (max_post_steps + 1) x (block length + 1).
+        edit_limit = 2 * (settings.max_post_steps + 1) * (be - bs + 1)
         step = 0
         # Rows whose block is still running, and (editing) their post-steps.
         active = np.ones(B, dtype=bool)
@@ -374,9 +403,6 @@ def denoise(
                         & (edit_np[j] != x[j, lo:be])
                     )
                     if step >= edit_limit:
-                        # Edits that keep writing masks back would run the
-                        # block forever (the reference's loop would): past
-                        # its length plus max_post_steps, it is only filled.
                         edits = edits[:0]
                     if filled[j] and not len(edits):
                         active[j] = False  # nothing left to change
@@ -455,3 +481,186 @@ def gap_spans(masked: np.ndarray) -> List[tuple]:
     """The runs of masks: ``(start, end)`` of each gap."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], masked, [0]]).astype(int)))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def denoise_uniform(
+    model,
+    prompt: mx.array,
+    gen_length: int,
+    settings: DiffusionSettings,
+    attention_mask: Optional[mx.array] = None,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    spec: Optional[DiffusionSpec] = None,
+    noise: Optional[Callable[[int, tuple], mx.array]] = None,
+    encoder_cache: Optional["EncoderCache"] = None,
+) -> Iterator[Step]:
+    """Uniform-noise diffusion (DiffusionGemma), canvas by canvas.
+
+    Why not :func:`denoise`'s body: there a committed token is final and a
+    block ends when no mask is left; here every position is proposed again
+    at every step, the canvas is read out (its argmax) when it is stable and
+    confident, and the next canvas reads it from a causal cache that an
+    encoder pass writes. What is shared: the settings, :class:`Step`, the
+    streaming adapter, the views and mlx-lm's own KV caches.
+
+    The model implements ``encode(tokens, cache, attention_mask)`` (causal,
+    writes the cache) and ``decode(canvas, cache, self_conditioning,
+    attention_mask)`` (bidirectional over the cache and the canvas, reads
+    it only; returns logits). ``noise(k, shape)`` gives the k-th draw of
+    token ids (default: MLX's generator); ``sampler(logprobs)`` picks the
+    proposals from the tempered log-probabilities (default: a draw from
+    them, as the reference's multinomial).
+    """
+    spec = spec or model.diffusion
+    settings.check_values()
+    if gen_length <= 0:
+        raise ValueError(f"gen_length must be positive, got {gen_length}")
+    B, P = prompt.shape
+    C = settings.block_size(gen_length)
+    V = spec.vocab_size
+    N = settings.max_denoising_steps
+    canvases = -(-gen_length // C)
+    if noise is None:
+        noise = lambda k, shape: mx.random.randint(0, V, shape)  # noqa: E731
+    if sampler is None:
+        sampler = lambda lp: mx.random.categorical(lp)  # noqa: E731
+    end_ids = np.array(spec.end_token_ids, dtype=np.int64)
+    pad = spec.pad_token_id
+
+    if encoder_cache is None or B != 1:
+        encoder_cache = EncoderCache(model)
+    keys = attention_mask
+    if keys is None:
+        keys = mx.ones((B, P), dtype=mx.int32)
+    start = encoder_cache.reuse(np.array(prompt)[0].tolist()) if B == 1 else 0
+    model.encode(prompt[:, start:], encoder_cache.layers, attention_mask=keys)
+    encoder_cache.tokens = np.array(prompt)[0].tolist() if B == 1 else []
+
+    x = np.zeros((B, P + canvases * C), dtype=np.int64)
+    x[:, :P] = np.array(prompt)
+    finished_rows = np.zeros(B, dtype=bool)
+    draws = 0
+    nfe = 0
+    for c in range(canvases):
+        lo, hi = P + c * C, P + (c + 1) * C
+        if c > 0:
+            # The committed canvas (pads included) joins the causal cache.
+            model.encode(mx.array(x[:, lo - C : lo]), encoder_cache.layers, keys)
+            if B == 1:
+                encoder_cache.tokens += x[0, lo - C : lo].tolist()
+        keys = mx.concatenate([keys, mx.ones((B, C), keys.dtype)], axis=1)
+        canvas = mx.array(noise(draws, (B, C)))
+        draws += 1
+        argmax = canvas
+        self_conditioning = None
+        history = None
+        done = np.zeros(B, dtype=bool)
+        for s in range(N, 0, -1):
+            logits = model.decode(canvas, encoder_cache.layers, self_conditioning, keys)
+            t = settings.t_min + (settings.t_max - settings.t_min) * s / N
+            processed = logits.astype(mx.float32) / t
+            logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+            proposal = sampler(logprobs.reshape(-1, V)).reshape(B, C)
+            new_argmax = mx.argmax(processed, axis=-1)
+            entropy = -mx.sum(mx.exp(logprobs) * logprobs, axis=-1)
+            accepted = entropy_bound_accept(entropy, settings.entropy_bound)
+            renoise = mx.array(noise(draws, (B, C)))
+            draws += 1
+            new_canvas = mx.where(accepted, proposal, renoise)
+            nfe += 1
+            if done.any():
+                # A row that has stopped keeps its canvas and logits.
+                keep = mx.array(done)
+                new_argmax = mx.where(keep[:, None], argmax, new_argmax)
+                new_canvas = mx.where(keep[:, None], canvas, new_canvas)
+                processed = mx.where(keep[:, None, None], self_conditioning, processed)
+            # Stop: the argmax canvas equals the last stability_threshold ones,
+            # and the mean entropy is below confidence_threshold.
+            a = np.array(new_argmax, dtype=np.int64)
+            if settings.stability_threshold == 0:
+                stable = np.ones(B, dtype=bool)
+            else:
+                if history is None:
+                    history = np.full((settings.stability_threshold, B, C), -1)
+                stable = (history == a[None]).all(axis=(0, 2))
+                history = np.concatenate([history[1:], a[None]])
+            confident = np.array(entropy.mean(axis=-1)) < settings.confidence_threshold
+            done |= stable & confident
+            argmax, canvas = new_argmax, new_canvas
+            self_conditioning = processed
+            x[:, lo:hi] = a
+            last = done.all() or s == 1
+            final_end = lo
+            if last:
+                finished_rows = _finish_canvas(x, lo, hi, finished_rows, end_ids, pad)
+                final_end = hi
+            yield Step(
+                c,
+                N - s,
+                x,
+                [np.flatnonzero(np.array(accepted)[j]) + lo for j in range(B)],
+                [np.zeros(0)] * B,
+                np.arange(lo, hi),
+                logprobs,
+                nfe,
+                done=bool(last and finished_rows.all()),
+                block_start=lo,
+                block_length=C,
+                final_end=final_end,
+                tokens_in=C,
+                prompt_length=P,
+            )
+            if last:
+                break
+        if finished_rows.all():
+            return
+
+
+def entropy_bound_accept(entropy: mx.array, bound: float) -> mx.array:
+    """The reference's entropy bound: sort the positions by entropy, and
+    accept each whose lower-entropy predecessors sum to at most ``bound``
+    (the lowest always)."""
+    order = mx.argsort(entropy, axis=-1)
+    sorted_entropy = mx.take_along_axis(entropy, order, axis=-1)
+    keep = mx.cumsum(sorted_entropy, axis=-1) - sorted_entropy <= bound
+    ranks = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(keep, ranks, axis=-1)
+
+
+def _finish_canvas(x, lo, hi, finished, end_ids, pad):
+    """After a canvas: rows with an end token in it are finished; with a pad
+    id, what follows a row's first end token becomes pad, and a row that had
+    finished before gets a canvas of pads."""
+    gen = x[:, lo:hi]
+    is_end = np.isin(gen, end_ids) if len(end_ids) else np.zeros_like(gen, bool)
+    now = finished | is_end.any(axis=1)
+    if pad is not None and now.any():
+        gen[finished] = pad
+        after = (np.cumsum(is_end, axis=1) > 0) & ~(
+            (np.cumsum(is_end, axis=1) == 1) & is_end
+        )
+        rows = now & ~finished
+        gen[rows] = np.where(after[rows], pad, gen[rows])
+    return now
+
+
+class EncoderCache:
+    """A uniform-noise model's causal cache: the model's own mlx-lm caches
+    (``model.make_encoder_cache()``), and the tokens they hold (one
+    sequence), so that a conversation's next turn encodes only what is new."""
+
+    def __init__(self, model):
+        self.make = model.make_encoder_cache
+        self.layers = self.make()
+        self.tokens: List[int] = []
+
+    def reuse(self, tokens) -> int:
+        """How many leading ``tokens`` are encoded already; a cache that does
+        not hold a proper prefix of them starts over (mlx-lm's rotating
+        caches of sliding layers cannot be trimmed back)."""
+        n = len(self.tokens)
+        if 0 < n < len(tokens) and self.tokens == list(tokens[:n]):
+            return n
+        self.layers = self.make()
+        self.tokens = []
+        return 0

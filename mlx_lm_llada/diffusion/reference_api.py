@@ -175,10 +175,53 @@ def _llada2_arguments(
     )
 
 
+_UNSET = object()
+
+
+def _diffusion_gemma_arguments(
+    prompt_length: int,
+    max_new_tokens: Optional[int] = None,
+    max_denoising_steps: Optional[int] = None,
+    entropy_bound: Optional[float] = None,
+    t_min: Optional[float] = None,
+    t_max: Optional[float] = None,
+    stability_threshold: Optional[int] = None,
+    confidence_threshold: Optional[float] = None,
+    canvas_length: Optional[int] = None,
+    eos_token_id=_UNSET,
+    pad_token_id=_UNSET,
+):
+    """DiffusionGemma's ``generate``: the generation config's names (unset:
+    the checkpoint's defaults). ``max_new_tokens`` is rounded up to whole
+    canvases, as there; ``eos_token_id`` (an id, a list, or None for none)
+    and ``pad_token_id`` replace the model's."""
+    given = dict(
+        max_denoising_steps=max_denoising_steps,
+        entropy_bound=entropy_bound,
+        t_min=t_min,
+        t_max=t_max,
+        stability_threshold=stability_threshold,
+        confidence_threshold=confidence_threshold,
+        block_length=canvas_length,
+    )
+    call = dict(
+        gen_length=max_new_tokens,
+        settings={k: v for k, v in given.items() if v is not None},
+        sampling=dict(temp=None),
+        mask_id=None,
+    )
+    if eos_token_id is not _UNSET:
+        call["end_ids"] = eos_token_id
+    if pad_token_id is not _UNSET:
+        call["pad_id"] = pad_token_id
+    return call
+
+
 REFERENCE_ARGUMENTS = {
     "LLaDA": _llada_arguments,
     "Dream": _dream_arguments,
     "LLaDA2": _llada2_arguments,
+    "DiffusionGemma": _diffusion_gemma_arguments,
 }
 
 
@@ -191,6 +234,7 @@ def diffusion_generate(
     early_stop: bool = False,
     on_step: Optional[Callable[[Step], None]] = None,
     template: Optional[mx.array] = None,
+    noise: Optional[Callable[[int, tuple], mx.array]] = None,
     **params: Any,
 ) -> Tuple[mx.array, int]:
     """Generate as the model family's reference code does, with its arguments.
@@ -243,7 +287,23 @@ def diffusion_generate(
         eos_id = spec.eos_token_id if call["eos_id"] is None else call["eos_id"]
         spec = dataclasses.replace(spec, eos_token_id=eos_id, eot_token_id=None)
     early_stop = early_stop or call.get("early_stop", False)
-    if sampler is None and sampling["temp"] > 0:
+    if "end_ids" in call:
+        ends = call["end_ids"]
+        ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+        spec = dataclasses.replace(
+            spec,
+            eos_token_id=ends[0] if ends else None,
+            eot_token_id=None,
+            more_end_token_ids=tuple(ends[1:]),
+        )
+    if "pad_id" in call:
+        spec = dataclasses.replace(spec, pad_token_id=call["pad_id"])
+    if spec.noise == "uniform":
+        given = {**spec.defaults, **given}
+        gen_length = gen_length or given["block_length"]
+    elif noise is not None:
+        raise ValueError(f"noise= is for uniform-noise models, not {spec.family}")
+    if sampler is None and sampling["temp"] is not None and sampling["temp"] > 0:
         from mlx_lm.sample_utils import make_sampler
 
         sampler = make_sampler(**sampling)
@@ -264,6 +324,7 @@ def diffusion_generate(
         early_stop=early_stop,
         spec=spec,
         template=template,
+        noise=noise,
     ):
         if on_step is not None:
             on_step(last)

@@ -4,7 +4,7 @@ settings (:class:`DiffusionSettings`) and where they come from."""
 
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -49,9 +49,15 @@ class DiffusionSpec:
     (blocks of the sampler's ``block_length``, aligned to position 0: the
     prompt's tail shares the first generated block, and the keys of finished
     blocks never change, so a cache of them is exact).
+
+    ``noise`` is ``"mask"`` (a canvas starts as mask tokens, and a committed
+    token is final) or ``"uniform"`` (DiffusionGemma: a canvas starts as
+    random tokens of the ``vocab_size`` rows, every position is proposed
+    again at every step, and the canvas is committed when it is stable and
+    confident; ``mask_token_id`` is then None).
     """
 
-    mask_token_id: int
+    mask_token_id: Optional[int]
     eos_token_id: Optional[int] = None
     eot_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
@@ -59,6 +65,10 @@ class DiffusionSpec:
     logits_shift: int = 0
     family: str = "LLaDA"
     attention: str = "bidirectional"
+    noise: str = "mask"
+    vocab_size: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    more_end_token_ids: Tuple[int, ...] = ()
     defaults: Dict[str, Any] = field(default_factory=dict)
     reference: Dict[str, Any] = field(
         default_factory=lambda: {"threshold": None, "factor": None, "cache": "none"}
@@ -85,7 +95,8 @@ class DiffusionSpec:
 
     @property
     def end_token_ids(self):
-        return tuple(t for t in (self.eos_token_id, self.eot_token_id) if t is not None)
+        ends = (self.eos_token_id, self.eot_token_id, *self.more_end_token_ids)
+        return tuple(dict.fromkeys(t for t in ends if t is not None))
 
 
 _SETTING_TYPES = {
@@ -137,6 +148,13 @@ class DiffusionSettings:
     max_post_steps: int = 16
     cache: str = "none"
     reference: bool = False
+    # Uniform noise (DiffusionGemma), with its reference's names.
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
 
     def check_values(self):
         """Raise a ValueError naming the first setting that is impossible alone."""
@@ -173,6 +191,21 @@ class DiffusionSettings:
             raise ValueError(
                 f"num_to_transfer must be positive, got {self.num_to_transfer}"
             )
+        if self.max_denoising_steps <= 0:
+            raise ValueError(
+                f"max_denoising_steps must be positive, got {self.max_denoising_steps}"
+            )
+        if self.stability_threshold < 0:
+            raise ValueError(
+                f"stability_threshold must be >= 0, got {self.stability_threshold}"
+            )
+        if not 0 < self.t_min <= self.t_max:
+            raise ValueError(
+                f"the temperatures must be 0 < t_min <= t_max, got t_min "
+                f"{self.t_min}, t_max {self.t_max}"
+            )
+        if self.entropy_bound < 0:
+            raise ValueError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
         if self.max_post_steps < 0:
             raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
         if self.threshold_floor == "scheduled" and self.threshold is None:
@@ -298,11 +331,39 @@ def resolve_settings(
     values.update({k: parse_setting(k, v) for k, v in spec.defaults.items()})
     overrides = overrides or {}
     check_setting_names(overrides, "the call")
+    foreign = sorted(set(overrides) - applicable_settings(spec))
+    if foreign:
+        kind = "uniform-noise" if spec.noise == "uniform" else "masked-diffusion"
+        raise ValueError(
+            f"Diffusion setting(s) {', '.join(foreign)} do not apply to "
+            f"{spec.family}, a {kind} model"
+        )
     values.update(overrides)
     if values.get("reference"):
         check_reference(overrides, spec)
         values.update(spec.reference)
     return DiffusionSettings(**values)
+
+
+# The settings of the uniform-noise loop; the others are masked diffusion's.
+UNIFORM_SETTINGS = frozenset(
+    (
+        "max_denoising_steps",
+        "entropy_bound",
+        "t_min",
+        "t_max",
+        "stability_threshold",
+        "confidence_threshold",
+    )
+)
+SHARED_SETTINGS = frozenset(("block_length", "reference"))
+
+
+def applicable_settings(spec: DiffusionSpec):
+    """The settings that mean something for ``spec``'s kind of noise."""
+    if spec.noise == "uniform":
+        return UNIFORM_SETTINGS | SHARED_SETTINGS
+    return frozenset(f.name for f in fields(DiffusionSettings)) - UNIFORM_SETTINGS
 
 
 def check_reference(given: Dict[str, Any], spec: Optional[DiffusionSpec] = None):
