@@ -30,6 +30,7 @@ MODEL_MODULES = {
     "Dream": "mlx_lm_llada.models.dream",
     "llada_moe": "mlx_lm_llada.models.llada_moe",
     "llada2_moe": "mlx_lm_llada.models.llada2_moe",
+    "diffusion_gemma": "mlx_lm_llada.models.diffusion_gemma",
 }
 
 # (model_type, architecture) -> the model module, for mlx-lm's own
