@@ -98,6 +98,8 @@ class _Pieces:
         self.tokenizer = tokenizer
         self.mask = spec.mask_token_id if spec is not None else None
         self.end = set(spec.end_token_ids) if spec is not None else set()
+        # Uniform noise (DiffusionGemma): no masks, every canvas token a draft.
+        self.uniform = spec is not None and spec.noise == "uniform"
         # What an early stop pads the gaps with (the loop's choice).
         self.pad = None
         if spec is not None and spec.end_token_ids:
@@ -159,6 +161,13 @@ class _Start:
     def __init__(self, st, row: int, pieces: _Pieces):
         mask = -1 if pieces.mask is None else pieces.mask
         P = _prompt_length(st)
+        if pieces.uniform:
+            # Every position after the prompt is drawn: nothing is fixed.
+            self.canvas = np.array(st.canvas[row], dtype=np.int64)
+            self.fixed = np.zeros(0, dtype=np.int64)
+            self.gap_tokens = len(self.canvas) - P
+            self.blocks = -(-self.gap_tokens // st.block_length)
+            return
         canvas = np.array(st.canvas[row], dtype=np.int64)
         canvas[st.committed[row]] = mask
         if st.done and pieces.pad is not None:
@@ -208,7 +217,7 @@ class CanvasView:
 
     def __call__(self, st):
         if self.step is None:
-            if self.pieces.mask is None:
+            if self.pieces.mask is None and not self.pieces.uniform:
                 self.pieces.mask = _first_mask(st, 0)
             self.initial = _Start(st, 0, self.pieces)
             self.fixed = set(self.initial.fixed.tolist())
@@ -217,7 +226,11 @@ class CanvasView:
         self.blocks.add(st.block)
         for pos in st.committed[0]:
             self.fresh.add(int(pos))
-        self.committed += len(st.committed[0])
+        if self.pieces.uniform:
+            # Drafts are redrawn every step: count the committed canvases.
+            self.committed = st.final_end - _prompt_length(st)
+        else:
+            self.committed += len(st.committed[0])
         now = time.perf_counter()
         # At most ``fps`` frames a second: a frame costs more than a tiny
         # model's step.
@@ -379,7 +392,7 @@ class TraceRecorder:
         P = _prompt_length(st)
         mask = self.pieces.mask
         if self.canvas is None:
-            if mask is None:
+            if mask is None and not self.pieces.uniform:
                 mask = self.pieces.mask = _first_mask(st, self.row)
             start = _Start(st, self.row, self.pieces)
             self.seen = np.zeros(len(row), dtype=bool)
@@ -470,7 +483,7 @@ class TraceRecorder:
         data = {
             "title": self.title,
             "records": self.records,
-            "pieces": {str(t): self.pieces(t) for t in sorted(tokens) if t is not None},
+            "pieces": {str(t): self.pieces(t) for t in sorted(tokens - {None})},
         }
         # "</script>" or "<!--" in a token would end the script element early.
         payload = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")

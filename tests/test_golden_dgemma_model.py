@@ -43,7 +43,7 @@ def test_forward_logits(case):
     """Encode the prompt at 0..P-1 (and the appended canvas after it), then
     decode the canvas at the positions the reference gives it."""
     model = load(case["model"])
-    cache = model.make_cache()
+    cache = model.make_encoder_cache()
     model.encode(mx.array(case["input_ids"]), cache)
     if case["kind"] == "forward_append":
         assert case["appended_position_ids"][0] == cache[0].offset
@@ -71,7 +71,7 @@ def test_reference_trace_replayed(case):
     over its temperature (a finished row keeps its own); a new canvas first
     encodes the last argmax canvas, the attention mask grown by its length."""
     model = load(case["model"])
-    cache = model.make_cache()
+    cache = model.make_encoder_cache()
     mask = case.get("attention_mask")
     mask = None if mask is None else mx.array(mask)
     model.encode(mx.array(case["prompt_ids"]), cache, attention_mask=mask)
@@ -103,7 +103,7 @@ def test_reference_trace_replayed(case):
 
 def test_decode_reads_the_cache_and_keeps_it():
     model = load()
-    cache = model.make_cache()
+    cache = model.make_encoder_cache()
     prompt = mx.array([[2] + list(range(200, 220))])  # longer than the window
     model.encode(prompt, cache)
     before = [mx.array(c._temporal_order(c.keys)) for c in cache[:2]]
@@ -123,7 +123,7 @@ def test_padding_columns_are_not_read():
     tokens = [2, 267, 139, 115, 191, 300, 301, 302, 303, 304]
     mask = mx.array([[0] * 4 + [1] * len(tokens)] * 2)
     prompts = mx.array([[0] * 4 + tokens, [7, 8, 9, 10] + tokens])
-    cache = model.make_cache()
+    cache = model.make_encoder_cache()
     model.encode(prompts, cache, attention_mask=mask)
     canvas = mx.array([list(range(400, 408))] * 2)
     logits = model.decode(canvas, cache, attention_mask=mask)
@@ -155,12 +155,12 @@ def test_load():
     assert not full.is_sliding and "v_proj" not in full
     assert (full.head_dim, full.n_kv_heads) == (32, 1)
     assert model.layers[0].self_attn.head_dim == 16
-    assert [type(c) for c in model.make_cache()] == [
+    assert [type(c) for c in model.make_encoder_cache()] == [
         RotatingKVCache,
         RotatingKVCache,
         KVCache,
     ]
-    assert model.make_cache()[0].max_size == model.args.sliding_window == 8
+    assert model.make_encoder_cache()[0].max_size == model.args.sliding_window == 8
     assert model.args.canvas_length == 8
     assert tokenizer.convert_tokens_to_ids("<mask>") == SPECIAL["<mask>"]
 
@@ -203,7 +203,7 @@ def test_quantized_embedding_self_conditions():
     soft = model.model.soft_embedding(logits)
     assert mx.allclose(soft, expected, atol=1e-4)
 
-    cache = model.make_cache()
+    cache = model.make_encoder_cache()
     model.encode(mx.array([[2] + list(range(10, 22))]), cache)
     z = model.decode(mx.array([list(range(30, 38))]), cache, self_conditioning=logits)
     assert z.dtype == mx.float32 and mx.isfinite(z).all()
@@ -253,14 +253,14 @@ def test_image_input_is_refused():
     model = load()
     image = SPECIAL["<|image|>"]
     with pytest.raises(ValueError, match="text only.*image token"):
-        model.encode(mx.array([[2, image, 10]]), model.make_cache())
+        model.encode(mx.array([[2, image, 10]]), model.make_encoder_cache())
 
 
 def test_wrong_cache_or_mask_is_refused():
     model = load()
     with pytest.raises(ValueError, match="one cache per layer"):
-        model.encode(mx.array([[2, 10]]), model.make_cache()[:1])
-    cache = model.make_cache()
+        model.encode(mx.array([[2, 10]]), model.make_encoder_cache()[:1])
+    cache = model.make_encoder_cache()
     with pytest.raises(ValueError, match="covers 3 positions, not 2"):
         model.encode(mx.array([[2, 10]]), cache, attention_mask=mx.ones((1, 3)))
     model.encode(mx.array([[2, 10]]), cache)

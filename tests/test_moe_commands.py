@@ -136,7 +136,7 @@ def test_mlx_lm_chat_two_turns(model):
         second = [t for n, t in calls if n == 1][1]
         context = len(conversation[0].tokens) - len(expected[1])
         window = context - context % 32 + 32  # what a call without it runs
-        assert conversation[0].blocks.offset > 0
+        assert conversation[0].keys.offset > 0
         assert second < window
 
     chat = ChatTerminal("mlx_lm.chat", "--model", path(model), "--max-tokens", 16)

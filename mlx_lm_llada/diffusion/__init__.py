@@ -12,7 +12,7 @@
 - :mod:`.training`: the masked-diffusion loss, for mlx-lm's trainer.
 """
 
-from .caches import CanvasCache, ContextCache
+from .caches import BlockPrefixCache, CanvasCache, ContextCache, EncoderCache
 from .loop import Step, denoise
 from .mlx_lm_adapter import stream_diffusion
 from .model_base import (
@@ -44,8 +44,10 @@ __all__ = [
     "REMASKING",
     "SCHEDULES",
     "THRESHOLD_FLOORS",
+    "BlockPrefixCache",
     "CanvasCache",
     "ContextCache",
+    "EncoderCache",
     "DecoderLayout",
     "DiffusionModel",
     "DiffusionSettings",

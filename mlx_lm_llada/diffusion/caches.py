@@ -1,8 +1,9 @@
 # Copyright © 2026 mlx-lm-llada contributors.
 """The caches of a diffusion model: keys and values of a canvas across the
 steps of one generation (:class:`CanvasCache`), of a block-causal model's
-finished blocks (:class:`BlockPrefixCache`), and a conversation across turns
-(:class:`ContextCache`, mlx-lm's prompt cache)."""
+finished blocks (:class:`BlockPrefixCache`), of a uniform-noise model's encoder
+(:class:`EncoderCache`), and a conversation across turns (:class:`ContextCache`,
+mlx-lm's prompt cache)."""
 
 from typing import List, Optional
 
@@ -87,22 +88,46 @@ class BlockPrefixCache:
         return sum(c.nbytes for c in self.layers if c.keys is not None)
 
 
+class EncoderCache:
+    """A uniform-noise model's causal cache: the model's own mlx-lm caches
+    (``model.make_encoder_cache()``), and the tokens they hold (one
+    sequence), so that a conversation's next turn encodes only what is new."""
+
+    def __init__(self, model):
+        self.make = model.make_encoder_cache
+        self.layers = self.make()
+        self.tokens: List[int] = []
+
+    def reuse(self, tokens) -> int:
+        """How many leading ``tokens`` are encoded already; a cache that does
+        not hold a proper prefix of them starts over (mlx-lm's rotating
+        caches of sliding layers cannot be trimmed back)."""
+        n = len(self.tokens)
+        if 0 < n < len(tokens) and self.tokens == list(tokens[:n]):
+            return n
+        self.layers = self.make()
+        self.tokens = []
+        return 0
+
+    @property
+    def nbytes(self):
+        return sum(c.nbytes for c in self.layers if c.keys is not None)
+
+
 class ContextCache:
     """The prompt cache of a diffusion model: the conversation's tokens.
 
     With bidirectional attention, keys computed for one turn go stale when
     the next turn is appended: what carries over is the token context. A
     block-causal model's cache also keeps the keys of its finished blocks
-    (``blocks``), which the next turn reuses as far as its tokens agree.
+    (``keys``: a :class:`BlockPrefixCache`), a uniform-noise model's its
+    encoder's causal cache (an :class:`EncoderCache`); the next turn reuses
+    them as far as its tokens agree.
     """
 
-    def __init__(
-        self,
-        tokens: Optional[List[int]] = None,
-        blocks: Optional[BlockPrefixCache] = None,
-    ):
+    def __init__(self, tokens: Optional[List[int]] = None, keys=None):
         self.tokens = list(tokens or [])
-        self.blocks = blocks
+        self.keys = keys
 
     @property
     def offset(self):
@@ -132,7 +157,7 @@ class ContextCache:
 
     @property
     def nbytes(self):
-        keys = 0 if self.blocks is None else self.blocks.nbytes
+        keys = 0 if self.keys is None else self.keys.nbytes
         return 4 * len(self.tokens) + keys
 
     def extend(self, inputs: mx.array) -> mx.array:

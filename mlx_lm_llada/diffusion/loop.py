@@ -23,7 +23,7 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .caches import BlockPrefixCache, CanvasCache
+from .caches import BlockPrefixCache, CanvasCache, EncoderCache
 from .commit_rules import (
     confidence,
     even_counts,
@@ -142,7 +142,7 @@ def denoise(
     template: Optional[np.ndarray] = None,
     blocks_cache: Optional[BlockPrefixCache] = None,
     noise: Optional[Callable[[int, tuple], mx.array]] = None,
-    encoder_cache: Optional["EncoderCache"] = None,
+    encoder_cache: Optional[EncoderCache] = None,
 ) -> Iterator[Step]:
     """Fill ``gen_length`` masks after ``prompt`` [B, P]; yield after each call.
 
@@ -492,7 +492,7 @@ def denoise_uniform(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     spec: Optional[DiffusionSpec] = None,
     noise: Optional[Callable[[int, tuple], mx.array]] = None,
-    encoder_cache: Optional["EncoderCache"] = None,
+    encoder_cache: Optional[EncoderCache] = None,
 ) -> Iterator[Step]:
     """Uniform-noise diffusion (DiffusionGemma), canvas by canvas.
 
@@ -594,12 +594,16 @@ def denoise_uniform(
             if last:
                 finished_rows = _finish_canvas(x, lo, hi, finished_rows, end_ids, pad)
                 final_end = hi
+            # Drafts: the accepted positions; at the end, the whole canvas.
+            written = [np.flatnonzero(np.array(accepted)[j]) + lo for j in range(B)]
+            if last:
+                written = [np.arange(lo, hi)] * B
             yield Step(
                 c,
                 N - s,
                 x,
-                [np.flatnonzero(np.array(accepted)[j]) + lo for j in range(B)],
-                [np.zeros(0)] * B,
+                written,
+                [np.zeros(len(w)) for w in written],
                 np.arange(lo, hi),
                 logprobs,
                 nfe,
@@ -642,25 +646,3 @@ def _finish_canvas(x, lo, hi, finished, end_ids, pad):
         rows = now & ~finished
         gen[rows] = np.where(after[rows], pad, gen[rows])
     return now
-
-
-class EncoderCache:
-    """A uniform-noise model's causal cache: the model's own mlx-lm caches
-    (``model.make_encoder_cache()``), and the tokens they hold (one
-    sequence), so that a conversation's next turn encodes only what is new."""
-
-    def __init__(self, model):
-        self.make = model.make_encoder_cache
-        self.layers = self.make()
-        self.tokens: List[int] = []
-
-    def reuse(self, tokens) -> int:
-        """How many leading ``tokens`` are encoded already; a cache that does
-        not hold a proper prefix of them starts over (mlx-lm's rotating
-        caches of sliding layers cannot be trimmed back)."""
-        n = len(self.tokens)
-        if 0 < n < len(tokens) and self.tokens == list(tokens[:n]):
-            return n
-        self.layers = self.make()
-        self.tokens = []
-        return 0

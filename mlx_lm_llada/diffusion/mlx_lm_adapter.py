@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from .caches import BlockPrefixCache, ContextCache
+from .caches import BlockPrefixCache, ContextCache, EncoderCache
 from .loop import Step, denoise, gap_spans
 from .reference_api import check_length
 from .settings import DiffusionSpec, resolve_settings
@@ -73,8 +73,9 @@ def stream_diffusion(
     if template is None:
         block_length = config.block_size(max_tokens)
         gen_length = -(-max_tokens // block_length) * block_length
-        if spec.block_causal:
-            gen_length = max_tokens  # blocks are aligned to position 0
+        if spec.block_causal or spec.noise == "uniform":
+            # Blocks aligned to position 0; canvases: whole ones, cut here.
+            gen_length = max_tokens
         tail = None
     else:
         tail = template_tail(template, spec.mask_token_id)
@@ -103,12 +104,17 @@ def stream_diffusion(
         spans = gap_spans(np.array(tail) == spec.mask_token_id)
         gaps = [[P + i for i in range(a, e)] for a, e in spans]
     end_ids = set(spec.end_token_ids)
-    blocks = None
-    if context_cache is not None and spec.block_causal:
+    keys = {}
+    if context_cache is not None and spec.noise == "uniform":
+        # The encoder's causal cache of the conversation, kept across turns.
+        if not isinstance(context_cache.keys, EncoderCache):
+            context_cache.keys = EncoderCache(model)
+        keys = {"encoder_cache": context_cache.keys}
+    elif context_cache is not None and spec.block_causal:
         # The keys of the conversation's finished blocks, kept across turns.
-        if context_cache.blocks is None:
-            context_cache.blocks = BlockPrefixCache(len(model.layers))
-        blocks = context_cache.blocks
+        if not isinstance(context_cache.keys, BlockPrefixCache):
+            context_cache.keys = BlockPrefixCache(len(model.layers))
+        keys = {"blocks_cache": context_cache.keys}
     pending = {}
 
     def ready(row, final_end):
@@ -137,7 +143,7 @@ def stream_diffusion(
             early_stop=True,
             spec=spec,
             template=None if tail is None else np.array([prompt + tail]),
-            blocks_cache=blocks,
+            **keys,
         )
         st = None
         for st in steps:

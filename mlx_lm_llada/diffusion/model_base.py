@@ -72,7 +72,7 @@ class DiffusionModel:
 
     def make_cache(self):
         if self.diffusion.block_causal:
-            return [ContextCache(blocks=BlockPrefixCache(len(self.layers)))]
+            return [ContextCache(keys=BlockPrefixCache(len(self.layers)))]
         return [ContextCache()]
 
     def generate_step(self, prompt: mx.array, **kwargs):

@@ -328,7 +328,12 @@ def diffusion_generate(
     ):
         if on_step is not None:
             on_step(last)
-    return mx.array(last.canvas), last.nfe
+    canvas = last.canvas
+    if spec.noise == "uniform":
+        # Whole canvases, up to the last one made (rows that all ended
+        # stop the canvases early).
+        canvas = canvas[:, : last.block_start + last.block_length]
+    return mx.array(canvas), last.nfe
 
 
 def as_batch(prompt) -> mx.array:

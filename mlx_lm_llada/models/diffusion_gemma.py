@@ -28,9 +28,29 @@ from mlx_lm.models import gemma4_text
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from mlx_lm_llada.diffusion import check_config
+from mlx_lm_llada.diffusion import (
+    ContextCache,
+    DiffusionSpec,
+    EncoderCache,
+    check_config,
+    stream_diffusion,
+)
 
 FAMILY = "DiffusionGemma"
+
+# The reference's generation defaults (its generation_config.json and
+# transformers' built-in ones agree); a canvas is the model's canvas_length.
+DECODING = {
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
+# A chat answer ends at <turn|>.
+TOKENIZER_DEFAULTS = {"eos_tokens": ["<turn|>"]}
 
 _REQUIRED = (
     "hidden_size",
@@ -109,6 +129,8 @@ class ModelArgs(gemma4_text.ModelArgs):
     eoi_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None
+    pad_token_id: Optional[int] = None
+    diffusion_defaults: Optional[dict] = None
     # What sets DiffusionGemma's stack apart from gemma4_text's defaults.
     hidden_size_per_layer_input: int = 0
     num_kv_shared_layers: int = 0
@@ -270,7 +292,37 @@ class Model(nn.Module):
     def _window(self, layer):
         return self.args.sliding_window if layer.self_attn.is_sliding else None
 
+    @property
+    def diffusion(self):
+        """The settings the diffusion sampler needs from this model."""
+        ends = self.args.eos_token_id
+        ends = [] if ends is None else [ends] if isinstance(ends, int) else ends
+        return DiffusionSpec(
+            mask_token_id=None,
+            eos_token_id=ends[0] if ends else None,
+            more_end_token_ids=tuple(ends[1:]),
+            bos_token_id=self.args.bos_token_id,
+            pad_token_id=self.args.pad_token_id,
+            max_sequence_length=self.args.max_position_embeddings,
+            family=FAMILY,
+            noise="uniform",
+            vocab_size=self.args.vocab_size,
+            defaults={
+                **DECODING,
+                "block_length": self.args.canvas_length,
+                **(self.args.diffusion_defaults or {}),
+            },
+            reference={},
+        )
+
     def make_cache(self):
+        # mlx-lm's prompt cache: the conversation and its encoder cache.
+        return [ContextCache(keys=EncoderCache(self))]
+
+    def generate_step(self, prompt: mx.array, **kwargs):
+        return stream_diffusion(self, prompt, **kwargs)
+
+    def make_encoder_cache(self):
         """One mlx-lm cache per layer: a rotating one of the sliding window on
         sliding layers (trimmable until it wraps), a growing one on full."""
         return [
@@ -282,7 +334,7 @@ class Model(nn.Module):
         if cache is None or len(cache) != len(self.layers):
             raise ValueError(
                 f"{FAMILY} takes one cache per layer ({len(self.layers)}), "
-                "from make_cache()"
+                "from make_encoder_cache()"
             )
         return cache[0].offset
 
