@@ -186,7 +186,7 @@ def test_trace_shows_the_drafts(tmp_path):
     out = run_command("mlx_lm_llada.generate", *args, "--seed", 2, *watch)
     assert out.returncode == 0, out.stderr
     # Without a terminal the view prints one line: the canvases' tokens.
-    assert f"canvas: 16/16 tokens · 2/2 blocks of 8" in out.stdout
+    assert "canvas: 16/16 tokens · 2/2 blocks of 8" in out.stdout
     assert '"event": "step"' in html.read_text()
     (records,) = read_trace(trace)
     steps = records[1:-1]
