@@ -42,6 +42,8 @@ CANVAS = {
     "Dream": lambda n, b: dict(steps=n, max_new_tokens=n, block_length=b),
     # LLaDA 2: steps per block; its threshold 0.95 with the scheduled floor.
     "LLaDA2": lambda n, b: dict(steps=b, gen_length=n, block_length=b),
+    # DiffusionGemma: canvases of b, its generation defaults.
+    "DiffusionGemma": lambda n, b: dict(max_new_tokens=n, canvas_length=b),
 }
 
 # Each decoding mode in the family's diffusion_generate arguments.
@@ -67,6 +69,8 @@ MODES = {
         "reference": dict(cache="none"),
         "block cache (exact)": dict(cache="prefix"),
     },
+    # One loop, the reference's: up to 48 decoder calls a canvas.
+    "DiffusionGemma": {"reference": dict()},
 }
 
 
@@ -166,6 +170,75 @@ def llada2_model(g, dtype, bits):
     return _finish(llada2_moe.Model(llada2_moe.ModelArgs(**args, **ids)), dtype, bits)
 
 
+def _gemma_config(g):
+    """A DiffusionGemma config.json (text_config nested) of the shape ``g``:
+    four sliding layers to a full one, K = V and wider heads on full ones."""
+    layers = ["sliding_attention"] * 4 + ["full_attention"]
+    layers = (layers * g["n_layers"])[: g["n_layers"]]
+    full = {
+        str(i): {"head_dim": 2 * g["head_dim"], "num_key_value_heads": 1}
+        for i, t in enumerate(layers)
+        if t == "full_attention"
+    }
+    text = dict(
+        model_type="diffusion_gemma_text",
+        hidden_size=g["d_model"],
+        num_hidden_layers=g["n_layers"],
+        intermediate_size=g["mlp_hidden_size"],
+        num_attention_heads=g["n_heads"],
+        num_key_value_heads=g["n_kv_heads"],
+        head_dim=g["head_dim"],
+        per_layer_config=full,
+        layer_types=layers,
+        vocab_size=g["vocab"],
+        sliding_window=g["window"],
+        num_experts=g["experts"],
+        top_k_experts=8,
+        moe_intermediate_size=g["expert_hidden_size"],
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        eos_token_id=[1, 106],
+        pad_token_id=0,
+        bos_token_id=2,
+        rope_parameters={
+            "full_attention": {
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+                "rope_type": "proportional",
+            },
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+    )
+    return dict(
+        model_type="diffusion_gemma",
+        text_config=text,
+        canvas_length=256,
+        tie_word_embeddings=True,
+    )
+
+
+def diffusion_gemma_model(g, dtype, bits):
+    from mlx_lm_llada.models import diffusion_gemma
+
+    args = diffusion_gemma.ModelArgs.from_dict(_gemma_config(g))
+    return _finish(diffusion_gemma.Model(args), dtype, bits)
+
+
+def gemma4_model(g, dtype, bits):
+    """mlx-lm's causal gemma4_text of the same layers."""
+    from dataclasses import fields
+
+    from mlx_lm.models import gemma4_text
+    from mlx_lm_llada.models import diffusion_gemma
+
+    same = diffusion_gemma.ModelArgs.from_dict(_gemma_config(g))
+    args = {f.name: getattr(same, f.name) for f in fields(gemma4_text.ModelArgs)}
+    args["model_type"] = "gemma4_text"
+    return _finish(gemma4_text.Model(gemma4_text.ModelArgs(**args)), dtype, bits)
+
+
 def _hf_model(module, g, dtype, bits, **args):
     """``module``'s Model (Hugging Face argument names) of the shape ``g``."""
     args = module.ModelArgs(
@@ -203,6 +276,9 @@ DREAM = dict(
     embedding=lambda model: model.model.embed_tokens,
 )
 LLADA2 = dict(model=llada2_model, autoregressive=bailing_model, embedding=None)
+DIFFUSION_GEMMA = dict(
+    model=diffusion_gemma_model, autoregressive=gemma4_model, embedding=None
+)
 
 
 def shape(
@@ -214,6 +290,8 @@ def shape(
     n_kv_heads=None,
     experts=None,
     expert_hidden_size=None,
+    head_dim=None,
+    window=None,
 ):
     """A geometry's shape, in these names (``n_kv_heads`` None: one per head)."""
     given = dict(locals())
@@ -237,8 +315,41 @@ GEOMETRIES = {
             512, 6, 8, 1280, 157184, n_kv_heads=2, experts=64, expert_hidden_size=128
         ),
     ),
+    # DiffusionGemma-26B-A4B's kind of shape (Gemma 4 MoE: sliding and full
+    # layers 4:1, K = V full layers, 8 experts of many per token, the
+    # 262,144-row vocabulary) scaled to a 2-core CPU.
+    "diffusion-gemma-scaled": dict(
+        DIFFUSION_GEMMA,
+        shape=shape(
+            512,
+            5,
+            8,
+            1024,
+            262144,
+            n_kv_heads=2,
+            experts=32,
+            expert_hidden_size=256,
+            head_dim=64,
+            window=512,
+        ),
+    ),
     "tiny": dict(LLADA, shape=shape(64, 2, 4, 160, 512)),
     "tiny-dream": dict(DREAM, shape=shape(64, 2, 4, 160, 512, n_kv_heads=2)),
+    "tiny-gemma": dict(
+        DIFFUSION_GEMMA,
+        shape=shape(
+            64,
+            5,
+            4,
+            128,
+            512,
+            n_kv_heads=2,
+            experts=8,
+            expert_hidden_size=32,
+            head_dim=16,
+            window=16,
+        ),
+    ),
     "tiny-llada2": dict(
         LLADA2,
         shape=shape(
@@ -275,11 +386,15 @@ def run_diffusion(model, prompt, gen_length, block_length, mode, blocks, early_s
     def on_step(step):
         calls.append(step.nfe)
         tokens_in.append(step.tokens_in)
-        committed.append(int((step.canvas[0, P:] != mask_id).sum()))
+        if uniform:  # drafts until a canvas is committed
+            committed.append(step.final_end - P)
+        else:
+            committed.append(int((step.canvas[0, P:] != mask_id).sum()))
         if committed[-1] >= blocks * block_length:
             raise Stop
 
     mask_id = model.diffusion.mask_token_id
+    uniform = model.diffusion.noise == "uniform"
     _peak_reset()
     tic = time.perf_counter()
     canvas = None

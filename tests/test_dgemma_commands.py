@@ -157,9 +157,13 @@ def test_convert_4bit_then_generate(tmp_path):
     assert out.returncode == 0, out.stderr
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "diffusion_gemma"
-    assert config["quantization"]["bits"] == 4
+    quantization = config["quantization"]
+    assert quantization["bits"] == 4
+    # The router's projection stays at 8 bits (as gemma4_text's).
+    assert quantization["model.layers.0.router.proj"] == {"group_size": 64, "bits": 8}
     quantized, tokenizer = mlx_lm.load(str(converted))
     assert isinstance(quantized.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert quantized.layers[0].router.proj.bits == 8
 
     args = ["--model", converted, "--prompt", "hello", "--max-tokens", MAX_TOKENS]
     out = run_command("mlx_lm.generate", *args, "--seed", 2)
@@ -198,3 +202,28 @@ def test_trace_shows_the_drafts(tmp_path):
     responses = in_process(chat_ids(user("hello")), seed=2)
     P = records[0]["prompt_length"]
     assert replay(records)[P : P + MAX_TOKENS] == [r.token for r in responses]
+
+
+def test_first_token_comes_after_the_first_canvas():
+    """A canvas's tokens are yielded as soon as it is committed: the first
+    token arrives after the first canvas's decoder calls, not after the
+    request's (here two canvases)."""
+    model, tokenizer = load_golden(NAME, FAMILY)
+    calls = []
+    mx.random.seed(2)
+    first = None
+    responses = []
+    for r in stream_generate(
+        model,
+        tokenizer,
+        chat_ids(user("hello")),
+        max_tokens=MAX_TOKENS,
+        sampler=make_sampler(0.0),
+        on_step=lambda s: calls.append(s.block),
+    ):
+        if first is None:
+            first = list(calls)
+        responses.append(r)
+    assert len(responses) == MAX_TOKENS
+    assert set(first) == {0}  # only the first canvas's calls
+    assert len(first) == calls.count(0) < len(calls)
