@@ -28,6 +28,7 @@ NEW_TESTS = ["tests/test_diffusion.py", "tests/test_generate.py::TestOwnGenerati
 NEW_IDS = re.compile(
     r"test_diffusion\.|TestOwnGenerationLoop::"
     r"|::test_llada$|::test_dream$|::test_llada_moe$|::test_llada2_moe$"
+    r"|::test_diffusion_gemma$"
 )
 # Skipped without Metal: the token cache evaluates the call, and MLX's CPU
 # backend has no float16 gather_mm (the experts of model_test_runner's
@@ -258,6 +259,54 @@ print("\\nRESULT", json.dumps(results))
 """
 
 
+# DiffusionGemma through the patched mlx-lm's own load: its nested config
+# (text_config), model_type "diffusion_gemma" (the module's file name), the
+# uniform-noise spec, <turn|> as EOS; the reference call with the golden
+# README's deterministic noise and an argmax sampler gives a golden
+# ``generate`` case (two canvases: the encoder's append) token for token,
+# with as many decoder calls.
+DGEMMA_PROBE = """
+import json
+import mlx.core as mx
+import numpy as np
+import mlx_lm
+from mlx_lm.diffusion import diffusion_generate
+
+golden = "tests/fixtures/golden/dgemma"
+with open(f"{golden}/cases.json") as f:
+    cases = json.load(f)
+ids, V = cases["special_token_ids"], cases["vocab_size"]
+model, tokenizer = mlx_lm.load(
+    f"{golden}/tiny-a", tokenizer_config={"trust_remote_code": False}
+)
+spec = model.diffusion
+facts = [type(model).__module__, spec.noise, spec.mask_token_id]
+facts += [spec.defaults["block_length"], spec.vocab_size]
+facts += [ids["<turn|>"] in tokenizer.eos_token_ids]
+expected = ["mlx_lm.models.diffusion_gemma", "uniform", None, 8, V, True]
+
+
+def noise(k, shape):
+    # The golden README's deterministic noise.
+    b, j = np.arange(shape[0])[:, None], np.arange(shape[1])[None]
+    return mx.array((1000003 * k + 7919 * b + 104729 * j + 12345) % V)
+
+
+two = ("generate", "tiny-a", "two_canvases")
+case = next(c for c in cases["cases"] if (c["kind"], c["model"], c.get("label")) == two)
+tokens, nfe = diffusion_generate(
+    model,
+    mx.array(case["prompt_ids"]),
+    noise=noise,
+    sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
+    **case["params"],
+)
+runs = [tokens.tolist() == case["output_ids"], nfe == case["decoder_calls"]]
+result = {"facts": facts == expected, "got": facts, "runs": runs}
+print("\\nRESULT", json.dumps(result))
+"""
+
+
 @pytest.fixture(scope="module")
 def reviewer_runs(pristine, tmp_path_factory):
     """The three runs of the reviewer's check, side by side."""
@@ -301,6 +350,7 @@ def reviewer_runs(pristine, tmp_path_factory):
             ("chat", CHAT_PROBE),
             ("dream", DREAM_PROBE),
             ("moe", MOE_PROBE),
+            ("dgemma", DGEMMA_PROBE),
         )
     }
     for name, process in runs.items():
@@ -373,7 +423,7 @@ def test_upstream_tests_pass_as_before(reviewer_runs):
 def test_new_tests_pass(reviewer_runs):
     patched, output = reviewer_runs["patched"]
     new = {k: v for k, v in patched.items() if NEW_IDS.search(k)}
-    assert len(new) >= 27
+    assert len(new) >= 34
     if not _metal_available():
         new = {k: v for k, v in new.items() if not METAL_ONLY.search(k)}
     assert set(new.values()) == {"passed"}, output[-3000:]
@@ -434,3 +484,13 @@ def test_moe_models_on_the_patched_mlx_lm_alone(reviewer_runs):
     for family in ("lladamoe", "llada2"):
         assert result[family]["facts"], result
     assert result["llada2"]["runs"] == [True, True], result
+
+
+def test_diffusion_gemma_on_the_patched_mlx_lm_alone(reviewer_runs):
+    probe = reviewer_runs["dgemma"]
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = re.search(r"^RESULT (.*)$", probe.stdout, re.M)
+    assert result, probe.stdout[-3000:] + probe.stderr[-3000:]
+    result = json.loads(result.group(1))
+    assert result["facts"], result
+    assert result["runs"] == [True, True], result
