@@ -53,6 +53,23 @@ FLAGS = {
         "is this sure ('none': off)",
     ),
     "max_post_steps": (int, "Editing steps after a block is full (default: 16)"),
+    # Uniform noise (DiffusionGemma), the reference's names.
+    "max_denoising_steps": (int, "Uniform noise: steps per canvas at most (48)"),
+    "entropy_bound": (
+        float,
+        "Uniform noise: a step keeps the surest proposals whose entropies sum "
+        "to at most this (0.1)",
+    ),
+    "t_min": (float, "Uniform noise: the last step's temperature (0.4)"),
+    "t_max": (float, "Uniform noise: the first step's temperature (0.8)"),
+    "stability_threshold": (
+        int,
+        "Uniform noise: steps the argmax canvas must stay the same to stop (1)",
+    ),
+    "confidence_threshold": (
+        float,
+        "Uniform noise: the mean entropy below which a canvas may stop (0.005)",
+    ),
     "cache": (str, f"Key/value cache across steps: {', '.join(CACHE_MODES)}"),
 }
 BOOL_FLAGS = {

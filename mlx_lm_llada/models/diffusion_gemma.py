@@ -74,8 +74,15 @@ _UNSUPPORTED = {
     "tie_word_embeddings": (True, "an output head of its own"),
 }
 
-# Keys of the outer config that the text model reads.
-_OUTER = ("canvas_length", "image_token_id", "boi_token_id", "eoi_token_id")
+# Keys of the outer config that the text model reads (mlx-lm puts
+# generation_config.json's end tokens there: the ones generate() stops at).
+_OUTER = (
+    "canvas_length",
+    "image_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "eos_token_id",
+)
 
 
 def _layer_types(text):
