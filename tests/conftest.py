@@ -209,36 +209,55 @@ class Served:
             return False
 
 
+def reserve_port(sock):
+    """Bind ``sock`` to a free port of 127.0.0.1 and return the port.
+
+    While ``sock`` stays open (bound, not listening, ``SO_REUSEADDR``), a
+    server (``http.server`` binds with ``SO_REUSEADDR``) can take the port,
+    but no other process asking for a free port is given it: two
+    pytest-xdist workers starting servers at once never share one."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serving(model, log, settings=None, timeout=90):
     """``mlx_lm.server --model MODEL`` on a free port of 127.0.0.1, with
     ``command_env(settings)``, from its first healthy answer to the block's
     end. ``log`` gets its output."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command_line("mlx_lm.server") + args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=command_env(settings),
-        )
-    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    with socket.socket() as reservation:  # held until the server listens
+        port = reserve_port(reservation)
+        args = ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                command_line("mlx_lm.server") + args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=command_env(settings),
+            )
+        served = Served(proc, f"http://127.0.0.1:{port}", log)
+        try:
+            deadline = time.monotonic() + timeout
+            while not served.healthy():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = served.log.read_text(errors="replace")[-4000:]
+                    raise AssertionError(f"mlx_lm.server did not start:\n{tail}")
+                time.sleep(0.2)
+        except BaseException:
+            _stop(proc)
+            raise
     try:
-        deadline = time.monotonic() + timeout
-        while not served.healthy():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = served.log.read_text(errors="replace")[-4000:]
-                raise AssertionError(f"mlx_lm.server did not start:\n{tail}")
-            time.sleep(0.2)
         yield served
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc):
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -84,10 +84,22 @@ def _env(tree, **extra):
     return env
 
 
+# pytest, as ``python -m pytest`` runs it, in a process that first says where
+# its mlx_lm comes from and whether our import hook is installed (the
+# WHERE line): the check is made in the very process that runs the tests.
+# ``-o addopts=``: none of this project's pytest options (its -n) apply.
+WHERE = (
+    "import sys, mlx_lm, mlx_lm.generate;"
+    "print('WHERE', mlx_lm.__file__,"
+    " any(type(f).__name__ == 'MlxLmFinder' for f in sys.meta_path), flush=True);"
+)
+RUN_PYTEST = WHERE + "import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+
+
 def _pytest(tree, cwd, tests, junit, **env):
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-c", RUN_PYTEST, "-q", "-p", "no:cacheprovider"]
     return subprocess.Popen(
-        [*command, f"--junitxml={junit}", *tests],
+        [*command, "-o", "addopts=", f"--junitxml={junit}", *tests],
         cwd=cwd,
         env=_env(tree, **env),
         stdout=subprocess.PIPE,
@@ -108,21 +120,11 @@ def _outcomes(junit):
     return outcomes
 
 
-def _where_is_mlx_lm(tree, cwd):
-    probe = (
-        "import sys, mlx_lm, mlx_lm.generate;"
-        "print(mlx_lm.__file__);"
-        "print(any(type(f).__name__ == 'MlxLmFinder' for f in sys.meta_path))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=cwd,
-        env=_env(tree),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return Path(out[0]), out[1] == "True"
+def _where_is_mlx_lm(output):
+    """The WHERE line of a run: mlx_lm's file, and whether the hook is on."""
+    where = re.search(r"^WHERE (.*) (True|False)$", output, re.M)
+    assert where, output[-3000:]
+    return Path(where.group(1)), where.group(2) == "True"
 
 
 # The golden chat case through the patched mlx-lm's own stream_generate: the
@@ -320,9 +322,6 @@ def reviewer_runs(pristine, tmp_path_factory):
             env={**os.environ, "GIT_CEILING_DIRECTORIES": str(work)},
             check=True,
         )
-    for tree, cwd in ((patched, patched), (unpatched, unpatched), (patched, ROOT)):
-        origin, hooked = _where_is_mlx_lm(tree, cwd)
-        assert origin == tree / "mlx_lm" / "__init__.py" and not hooked
     runs = {
         "patched": _pytest(
             patched, patched, UPSTREAM_TESTS + NEW_TESTS, work / "patched.xml"
@@ -340,7 +339,7 @@ def reviewer_runs(pristine, tmp_path_factory):
     }
     results = {
         name: subprocess.run(
-            [sys.executable, "-c", probe],
+            [sys.executable, "-c", WHERE + probe],
             cwd=ROOT,
             env=_env(patched),
             capture_output=True,
@@ -353,43 +352,36 @@ def reviewer_runs(pristine, tmp_path_factory):
             ("dgemma", DGEMMA_PROBE),
         )
     }
+    trees = {"patched": patched, "unpatched": unpatched, "golden": patched}
     for name, process in runs.items():
         output, _ = process.communicate(timeout=1200)
+        # mlx_lm from the tree (cwd: the tree, or this project), hook off.
+        origin, hooked = _where_is_mlx_lm(output)
+        assert origin == trees[name] / "mlx_lm" / "__init__.py" and not hooked
         junit = work / f"{name}.xml"
         if not junit.exists():
             pytest.fail(f"the {name} run wrote no report:\n{output[-3000:]}")
         results[name] = (_outcomes(junit), output)
+    for name in ("chat", "dream"):
+        probe = results[name]
+        origin, hooked = _where_is_mlx_lm(probe.stdout + probe.stderr)
+        assert origin == patched / "mlx_lm" / "__init__.py" and not hooked
     return results
 
 
-def test_series_is_what_make_series_writes(pristine, tmp_path):
-    out = tmp_path / "series"
-    subprocess.run(
+def _make_series(pristine, *args):
+    return subprocess.run(
         [
             *(sys.executable, str(PATCHES / "make_series.py")),
-            *("--mlx-lm-src", str(pristine), "--out", str(out)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    written = sorted(out.glob("*.patch"))
-    assert [p.name for p in written] == [p.name for p in SERIES]
-    for new, committed in zip(written, SERIES):
-        assert (
-            new.read_text() == committed.read_text()
-        ), f"{committed.name} is out of date: run python patches/make_series.py"
-    check = subprocess.run(
-        [
-            *(sys.executable, str(PATCHES / "make_series.py")),
-            *("--mlx-lm-src", str(pristine), "--check"),
+            *("--mlx-lm-src", str(pristine), *map(str, args)),
         ],
         capture_output=True,
         text=True,
     )
-    assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_series_passes_upstream_formatting(pristine, tmp_path):
+def _missing_tool():
+    """Why upstream's formatters cannot run here (None: they can)."""
     import importlib.metadata as md
 
     for tool, version in make_series.TOOLS.items():
@@ -398,15 +390,45 @@ def test_series_passes_upstream_formatting(pristine, tmp_path):
         except md.PackageNotFoundError:
             found = None
         if found != version:
-            pytest.skip(f"needs {tool}=={version} (found {found}), as upstream")
-    lint = subprocess.run(
-        [
-            *(sys.executable, str(PATCHES / "make_series.py")),
-            *("--mlx-lm-src", str(pristine), "--out", str(tmp_path), "--lint"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+            return f"needs {tool}=={version} (found {found}), as upstream"
+    return None
+
+
+@pytest.fixture(scope="module")
+def written_series(pristine, tmp_path_factory):
+    """``make_series.py --out DIR``, with ``--lint`` where upstream's
+    formatters are installed (one build for both tests below): the run,
+    DIR, and whether it linted."""
+    out = tmp_path_factory.mktemp("series")
+    linted = _missing_tool() is None
+    run = _make_series(pristine, "--out", out, *(["--lint"] if linted else []))
+    return run, out, linted
+
+
+def test_series_is_what_make_series_writes(pristine, written_series, tmp_path):
+    run, out, linted = written_series
+    if run.returncode and linted:
+        # A lint finding (test_series_passes_upstream_formatting reports it)
+        # writes nothing: the series as written without --lint.
+        out = tmp_path / "series"
+        run = _make_series(pristine, "--out", out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    written = sorted(out.glob("*.patch"))
+    assert [p.name for p in written] == [p.name for p in SERIES]
+    for new, committed in zip(written, SERIES):
+        assert (
+            new.read_text() == committed.read_text()
+        ), f"{committed.name} is out of date: run python patches/make_series.py"
+    check = _make_series(pristine, "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_series_passes_upstream_formatting(written_series):
+    missing = _missing_tool()
+    if missing:
+        pytest.skip(missing)
+    lint, _, linted = written_series
+    assert linted
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import GOLDEN, load_golden
+from conftest import GOLDEN, load_golden, reserve_port
 from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
@@ -39,12 +39,6 @@ SERVER_ENV = {"MLX_LM_LLADA_BLOCK_LENGTH": str(BLOCK_LENGTH)}
 MAX_TOKENS = 16
 QUESTION = "Why is the sky blue?"
 SPECIAL_TEXTS = ("<|", "|>")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command():
@@ -79,7 +73,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
+    reservation = socket.socket()  # held until the server listens
+    port = reserve_port(reservation)
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_LM_LLADA_")}
     env.update(HF_HUB_OFFLINE="1", **SERVER_ENV)
@@ -93,15 +88,16 @@ def server(tmp_path_factory):
         )
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{srv.log_tail()}"
-            assert time.monotonic() < deadline, f"no answer:\n{srv.log_tail()}"
-            try:
-                if srv.health()[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        with reservation:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, f"the server exited:\n{srv.log_tail()}"
+                assert time.monotonic() < deadline, f"no answer:\n{srv.log_tail()}"
+                try:
+                    if srv.health()[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.2)
         yield srv
     finally:
         proc.terminate()
