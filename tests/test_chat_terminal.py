@@ -189,6 +189,11 @@ def interrupt_generation(model, *args, settings=None):
     child = spawn(model, *args, settings=settings)
     child.sendline("hello")
     child.expect("hello")
+    # The line editor gives the terminal back (echo on, ^C a signal again)
+    # once it has read the line: wait for that on a loaded machine.
+    deadline = time.monotonic() + 60
+    while not child.getecho() and time.monotonic() < deadline:
+        time.sleep(0.1)
     time.sleep(1.5)  # well into the answer: it takes far longer than this
     child.sendintr()
     child.expect(pexpect.EOF, timeout=30)  # both commands end
