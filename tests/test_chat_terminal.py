@@ -7,6 +7,7 @@ would: it types turns, ``r`` to reset, ``q`` to quit, and presses Ctrl-C.
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def spawn(model, *args, settings=None):
         codec_errors="replace",
         timeout=90,
         dimensions=(40, 100),
+        # A test run started in the background ignores SIGINT, and a child
+        # would inherit that: Ctrl-C must reach the chat as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     child.expect(INPUT_PROMPT)
     return child
