@@ -75,8 +75,10 @@ def patch_generate(module):
         if not has_own_generation(model):
             yield from stream_generate(model, *args, **kwargs)
             return
-        # The first token of a diffusion model can come many steps after the
-        # prompt is processed: time the prompt by the model's own report.
+        # A diffusion model reads the prompt in the call that also makes the
+        # first tokens (often all of them): the prompt's rate is its first
+        # call's; the generation's counts every call, so that it compares
+        # with an autoregressive model's (tokens over the time they took).
         user_callback = kwargs.get("prompt_progress_callback")
         start = time.perf_counter()
         prompt_done = []
@@ -92,7 +94,7 @@ def patch_generate(module):
             now = time.perf_counter()
             t_prompt = (prompt_done[0] if prompt_done else now) - start
             response.prompt_tps = response.prompt_tokens / max(t_prompt, 1e-9)
-            t_gen = now - (prompt_done[0] if prompt_done else start)
+            t_gen = now - start
             response.generation_tps = response.generation_tokens / max(t_gen, 1e-9)
             yield response
 

@@ -8,6 +8,7 @@ from a bad one; this one can.
 """
 
 import json
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -135,3 +136,27 @@ def test_mlx_lm_generate_answers_with_its_defaults(trained):
         )
         right += mlx_lm.generate(model, tokenizer, prompt).strip() == answer
     assert right >= 7, f"{right}/8"
+
+
+def test_generation_speed_counts_the_call_that_made_the_tokens(trained):
+    """A one-call answer (the sorter's usual) reports tokens over the time
+    they took: within a factor of 2 of tokens divided by wall time, not the
+    thousands of tokens a second that timing after its only call would give."""
+    from mlx_lm import stream_generate
+
+    model, tokenizer, heldout = trained
+    question, answer = heldout[0]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
+    calls = []
+    start = time.perf_counter()
+    responses = list(
+        stream_generate(
+            model, tokenizer, prompt, max_tokens=16, on_step=lambda s: calls.append(s)
+        )
+    )
+    wall = time.perf_counter() - start
+    assert len(calls) == 1  # one model call made every token
+    honest = responses[-1].generation_tokens / wall
+    assert honest / 2 <= responses[-1].generation_tps <= honest * 2

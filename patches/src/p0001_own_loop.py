@@ -93,8 +93,9 @@ STREAM_PROMPT_TIME = (
 
 """,
     """\
-    # A model's own loop may yield its first token long after the prompt is
-    # processed: time the prompt by the loop's progress report instead.
+    # A model's own loop may read the prompt in the call that also makes its
+    # first tokens: time the prompt by the loop's progress report, and the
+    # generation from the start, so that its rate counts every call.
     prompt_done = None
     if hasattr(model, "generate_step"):
         callback = kwargs.get("prompt_progress_callback") or (lambda *_: None)
@@ -139,7 +140,8 @@ STREAM_TIMING = (
             if n == 0:
                 prompt_time = (prompt_done or time.perf_counter()) - tic
                 prompt_tps = prompt.size / prompt_time
-                tic = prompt_done or time.perf_counter()
+                if prompt_done is None:
+                    tic = time.perf_counter()
 """,
 )
 
