@@ -126,7 +126,6 @@ def test_cache_is_mlx_lm_kv_cache_of_finished_blocks():
     assert all(type(c) is KVCache for c in blocks.layers)
     assert blocks.tokens == np.array(last.canvas)[0, : last.block_start].tolist()
     # A second run over the same prompt reuses the prompt's whole blocks.
-    calls = []
     steps = denoise(
         model, mx.array([prompt]), 8, config, spec=spec, blocks_cache=blocks
     )

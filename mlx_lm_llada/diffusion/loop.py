@@ -595,7 +595,7 @@ def denoise_uniform(
                 finished_rows = _finish_canvas(x, lo, hi, finished_rows, end_ids, pad)
                 final_end = hi
             # Drafts: the accepted positions; at the end, the whole canvas.
-            written = [np.flatnonzero(np.array(accepted)[j]) + lo for j in range(B)]
+            written = [np.flatnonzero(row) + lo for row in np.array(accepted)]
             if last:
                 written = [np.arange(lo, hi)] * B
             yield Step(

@@ -21,7 +21,12 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 from mlx_lm.models import bailing_moe
 
-from mlx_lm_llada.diffusion import DiffusionModel, DiffusionSpec, check_config
+from mlx_lm_llada.diffusion import (
+    DiffusionModel,
+    DiffusionSpec,
+    check_config,
+    check_geometry,
+)
 
 # Special-token ids that the config lacks, read from its tokenizer.
 CONFIG_TOKENS = {
@@ -83,16 +88,13 @@ class ModelArgs(bailing_moe.ModelArgs):
         return super().from_dict(params)
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be "
-                f"divisible by num_key_value_heads ({self.num_key_value_heads})"
-            )
+        check_geometry(
+            self,
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
         width = self.hidden_size // self.num_attention_heads
         if self.head_dim is not None and self.head_dim != width:
             raise ValueError(
@@ -105,19 +107,13 @@ class ModelArgs(bailing_moe.ModelArgs):
                 f"n_group={self.n_group} groups of which topk_group="
                 f"{self.topk_group} are kept"
             )
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(
-                f"mask_token_id ({self.mask_token_id}) is outside the "
-                f"{self.vocab_size} embedding rows"
-            )
-        # The reference always renormalises the top-k weights (top_k > 1).
-        self.norm_topk_prob = True
 
 
 class GroupLimitedGate(bailing_moe.BailingMoeGate):
     """The reference's router: sigmoid scores, the expert bias for the choice
     only, the best ``topk_group`` groups (by their two best scores), then the
-    top-k experts of those groups, weights renormalised and scaled."""
+    top-k experts of those groups, weights renormalised (whatever
+    ``norm_topk_prob`` says, as the reference does) and scaled."""
 
     def __call__(self, x):
         scores = mx.sigmoid(self.gate_proj(x.astype(mx.float32)))
