@@ -134,7 +134,84 @@ class Sorting:
         return "sort " + "9" * self.max_len
 
 
-def make_task(name, max_digits=3, min_len=6, max_len=8):
+class Arithmetic:
+    """``"47+3-8=?"`` -> ``"47+3=50. 50-8=42. The answer is 42."``.
+
+    A chain of 1..max_ops additions and subtractions of one digit to a
+    number of two digits, every running value in 10..99; the answer works
+    each step, so every step's result depends on the one before. One
+    character is one token, and every step takes 9 (``"50-8=42. "``): an
+    answer of n steps takes 9n + 17 tokens, 197 for 20.
+    """
+
+    name = "arith"
+    FINAL = "The answer is {}."
+
+    def __init__(self, max_ops=20):
+        self.max_ops = max_ops
+        self.description = (
+            f"chains of 1 to {max_ops} one-digit additions and subtractions, "
+            "answered with worked steps"
+        )
+
+    def max_ops_within(self, tokens):
+        """The most steps whose longest answer fits ``tokens`` tokens."""
+        # A step takes 9 characters ("99-9=90. "), the end 17.
+        return min(self.max_ops, (tokens - len(self.FINAL.format(99))) // 9)
+
+    def sample(self, rng, n, max_answer_tokens=None):
+        top = self.max_ops
+        if max_answer_tokens is not None:
+            top = self.max_ops_within(max_answer_tokens)
+        out = []
+        for k in rng.integers(1, top + 1, size=n).tolist():
+            value = int(rng.integers(10, 100))
+            text = str(value)
+            for b in rng.integers(1, 10, size=k).tolist():
+                plus = rng.random() < 0.5
+                if value + b > 99 or value - b < 10:
+                    plus = value + b <= 99
+                value = value + b if plus else value - b
+                text += f"{'+' if plus else '-'}{b}"
+            out.append(text + "=?")
+        return out
+
+    def worked(self, question):
+        """The worked steps and the final value of ``question``."""
+        terms = question.rstrip("=?").replace("-", " -").replace("+", " +").split()
+        value, steps = int(terms[0]), []
+        for t in terms[1:]:
+            new = value + int(t)
+            steps.append(f"{value}{t[0]}{t[1:]}={new}.")
+            value = new
+        return steps, value
+
+    def answer(self, question):
+        steps, value = self.worked(question)
+        return " ".join(steps + [self.FINAL.format(value)])
+
+    def final(self, question):
+        return str(self.worked(question)[1])
+
+    def correct(self, text, question):
+        """Exact match: the answer text holds ``The answer is <final>.``."""
+        return self.FINAL.format(self.final(question)) in text
+
+    def longest(self):
+        return (
+            "10"
+            + "".join("+9-9"[2 * (i % 2) :][:2] for i in range(self.max_ops))
+            + "=?"
+        )
+
+    def fits(self, canvas):
+        """Whether a one-step answer and <|eot_id|> fit ``canvas`` tokens."""
+        return self.max_ops_within(canvas - 1) >= 1
+
+
+def make_task(name, max_digits=3, min_len=6, max_len=8, max_ops=20):
+    if name == "arith":
+        return Arithmetic(max_ops)
     if name == "add":
         return Addition(max_digits)
     if name == "sort":
@@ -341,18 +418,84 @@ def save_checkpoint(model, tok, out: Path, block_length):
     save_tokenizer(tok, out)
 
 
+def llama_config(args, ids):
+    """config.json of the autoregressive twin: a Hugging Face Llama."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "bos_token_id": ids[BOS],
+        "eos_token_id": [ids[EOS], ids[EOT]],
+        "hidden_act": "silu",
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "max_position_embeddings": args.max_position_embeddings,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": args.num_attention_heads,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_key_value_heads": args.num_key_value_heads,
+        "rms_norm_eps": args.rms_norm_eps,
+        "rope_theta": args.rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "vocab_size": args.vocab_size,
+    }
+
+
+def save_autoregressive(model, tok, out: Path):
+    """The same-shape Llama in the Hugging Face layout mlx-lm loads."""
+    out.mkdir(parents=True, exist_ok=True)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    _write_json(out / "config.json", llama_config(model.args, ids))
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[EOT]]},
+    )
+    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(mx.float32) for k, v in sorted(weights.items())}
+    mx.save_safetensors(
+        str(out / "model.safetensors"), weights, metadata={"format": "pt"}
+    )
+    save_tokenizer(tok, out)
+
+
+def save(model, tok, out: Path, args, heldout):
+    """The checkpoint of either objective; an arithmetic run's held-out set."""
+    if args.objective == "autoregressive":
+        save_autoregressive(model, tok, out)
+    else:
+        save_checkpoint(model, tok, out, args.block_length)
+    if args.task == "arith" and args.objective == "diffusion":
+        task = make_task("arith", max_ops=args.max_ops)
+        with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
+            for q in heldout:
+                f.write(json.dumps({"prompt": q, "answer": task.final(q)}) + "\n")
+
+
+def model_shape(args):
+    """The shape of a model of either objective, as its config.json names it."""
+    if hasattr(args, "d_model"):
+        return {
+            "d_model": args.d_model,
+            "n_layers": args.n_layers,
+            "n_heads": args.n_heads,
+            "mlp_hidden_size": args.mlp_hidden_size,
+            "vocab_size": args.vocab_size,
+        }
+    return {
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "intermediate_size": args.intermediate_size,
+        "vocab_size": args.vocab_size,
+    }
+
+
 def load_init(model, path: Path):
     """Load a checkpoint of this script into ``model``; its earlier stages."""
     with open(path / "config.json") as f:
         config = json.load(f)
-    a = model.args
-    mine = {
-        "d_model": a.d_model,
-        "n_layers": a.n_layers,
-        "n_heads": a.n_heads,
-        "mlp_hidden_size": a.mlp_hidden_size,
-        "vocab_size": a.vocab_size,
-    }
+    mine = model_shape(model.args)
     differ = {k: (config.get(k), v) for k, v in mine.items() if config.get(k) != v}
     if differ:
         raise SystemExit(
@@ -394,26 +537,51 @@ class Batches:
             n: max(1, budget // (self.prompt_length + n)) for n in answer_lengths
         }
         need = len(self.encode(task.answer(longest))) + 1
-        if need > min(answer_lengths):
+        # A task with answers of many lengths fills each canvas with what fits.
+        self.fitted = hasattr(task, "fits")
+        if self.fitted and not task.fits(min(answer_lengths)):
+            raise ValueError(
+                f"answer length {min(answer_lengths)} is too short for any answer"
+            )
+        if not self.fitted and need > min(answer_lengths):
             raise ValueError(
                 f"answer length {min(answer_lengths)} is too short: the longest "
                 f"answer and <|eot_id|> take {need} tokens"
             )
 
     def next(self):
-        """One training batch: (tokens, attention mask, answer positions)."""
+        """One training batch's problems and answer canvas."""
         lengths = self.answer_lengths
         # A single length draws nothing, so a one-length run keeps its seeds.
         n = lengths[0] if len(lengths) == 1 else int(self.rng.choice(lengths))
-        return self.make(self.problems(self.batch_sizes[n]), n)
+        return self.problems(self.batch_sizes[n], n), n
+
+    def make_autoregressive(self, problems):
+        """tokens [B, T] (prompt, answer, <|eot_id|>, right-padded with EOS)
+        and the positions scored (the answer and <|eot_id|>)."""
+        rows = []
+        for q in problems:
+            prompt = self.encode(chat_prompt(q))
+            answer = self.encode(self.task.answer(q)) + [self.ids[EOT]]
+            rows.append((prompt, answer))
+        # Lengths in steps of 32 (plus the shifted token): few compiled shapes.
+        T = -(-max(len(p) + len(a) - 1 for p, a in rows) // 32) * 32 + 1
+        tokens = np.full((len(rows), T), self.ids[EOS], dtype=np.int32)
+        scored = np.zeros((len(rows), T), dtype=bool)
+        for i, (p, a) in enumerate(rows):
+            tokens[i, : len(p) + len(a)] = p + a
+            scored[i, len(p) : len(p) + len(a)] = True
+        return tokens, scored
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def problems(self, n):
+    def problems(self, n, answer_length=None):
+        # The answer and <|eot_id|> fit the canvas.
+        fit = dict(max_answer_tokens=answer_length - 1) if self.fitted else {}
         out = []
         while len(out) < n:
-            for q in self.task.sample(self.rng, n):
+            for q in self.task.sample(self.rng, n, **fit):
                 if q not in self.exclude and len(out) < n:
                     out.append(q)
         return out
@@ -453,10 +621,30 @@ class Batches:
 # Evaluation during training
 
 
-def accuracy(model, tok, task, problems, answer_length, block_length, batch_size=100):
-    """Exact match with the reference schedule (one token per step)."""
+def is_correct(task, text, question):
+    """Exact match of a decoded answer (everything before its first end)."""
+    if hasattr(task, "correct"):
+        return task.correct(parse_answer(text), question)
+    return parse_answer(text) == task.answer(question)
+
+
+def accuracy(
+    model,
+    tok,
+    task,
+    problems,
+    answer_length,
+    block_length,
+    batch_size=100,
+    threshold=None,
+):
+    """Exact match with the reference schedule (one token per step), or
+    with ``threshold`` and the dual cache (a quicker check in training)."""
     from mlx_lm_llada import diffusion_generate
 
+    fast = {}
+    if threshold is not None:
+        fast = dict(threshold=threshold, cache="dual", early_stop=True)
     right = 0
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     for s in range(0, len(problems), batch_size):
@@ -469,11 +657,29 @@ def accuracy(model, tok, task, problems, answer_length, block_length, batch_size
             steps=answer_length,
             gen_length=answer_length,
             block_length=block_length,
+            **fast,
         )
         out = np.array(out)[:, prompt.shape[1] :]
         for q, row in zip(chunk, out):
             text = tok.decode(row.tolist(), skip_special_tokens=False)
-            right += parse_answer(text) == task.answer(q)
+            right += is_correct(task, text, q)
+    return right / len(problems)
+
+
+def accuracy_autoregressive(model, tok, task, problems, max_tokens):
+    """Exact match of greedy decoding (mlx-lm's ``generate_step``)."""
+    from mlx_lm.generate import generate_step
+
+    ends = {tok.token_to_id(EOS), tok.token_to_id(EOT)}
+    right = 0
+    for q in problems:
+        prompt = mx.array(tok.encode(chat_prompt(q), add_special_tokens=False).ids)
+        out = []
+        for token, _ in generate_step(prompt, model, max_tokens=max_tokens):
+            if int(token) in ends:
+                break
+            out.append(int(token))
+        right += is_correct(task, tok.decode(out), q)
     return right / len(problems)
 
 
@@ -518,7 +724,21 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
-    p.add_argument("--task", choices=["sort", "add"], default="sort")
+    p.add_argument("--task", choices=["sort", "add", "arith"], default="sort")
+    p.add_argument("--max-ops", type=int, default=20, help="arith: most steps")
+    p.add_argument(
+        "--objective",
+        choices=["diffusion", "autoregressive"],
+        default="diffusion",
+        help="autoregressive trains mlx-lm's Llama of the same shape on the "
+        "same problems, steps and schedule (the baseline to compare with)",
+    )
+    p.add_argument(
+        "--eval-threshold",
+        type=float,
+        help="evaluate during training with this threshold and the dual cache "
+        "(default: the reference schedule)",
+    )
     p.add_argument("--max-digits", type=int, default=3, help="add: digits per operand")
     p.add_argument("--min-len", type=int, default=6, help="sort: shortest string")
     p.add_argument("--max-len", type=int, default=8, help="sort: longest string")
@@ -558,19 +778,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    mx.random.seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = ROOT / out
-
-    tok = build_tokenizer()
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    if tok.get_vocab_size() > args.vocab_rows:
-        raise SystemExit(f"{tok.get_vocab_size()} tokens > {args.vocab_rows} rows")
-    model_args = ModelArgs(
+def diffusion_args(args, ids):
+    """The LLaDA of this run's shape, with the tokenizer's special ids."""
+    return ModelArgs(
         model_type="llada",
         d_model=args.d_model,
         n_heads=args.n_heads,
@@ -586,7 +796,41 @@ def main(argv=None):
         rope_theta=500000.0,
         max_sequence_length=4096,
     )
-    model = Model(model_args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mx.random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = ROOT / out
+
+    tok = build_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    if tok.get_vocab_size() > args.vocab_rows:
+        raise SystemExit(f"{tok.get_vocab_size()} tokens > {args.vocab_rows} rows")
+    autoregressive = args.objective == "autoregressive"
+    if autoregressive:
+        from mlx_lm.models import llama
+
+        model = llama.Model(
+            llama.ModelArgs(
+                model_type="llama",
+                hidden_size=args.d_model,
+                num_hidden_layers=args.n_layers,
+                intermediate_size=args.mlp_hidden,
+                num_attention_heads=args.n_heads,
+                num_key_value_heads=args.n_heads,
+                rms_norm_eps=1e-5,
+                vocab_size=args.vocab_rows,
+                rope_theta=500000.0,
+                max_position_embeddings=4096,
+                tie_word_embeddings=False,
+            )
+        )
+    else:
+        model = Model(diffusion_args(args, ids))
     stages = []
     if args.init:
         init = Path(args.init)
@@ -596,7 +840,9 @@ def main(argv=None):
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
 
-    task = make_task(args.task, args.max_digits, args.min_len, args.max_len)
+    task = make_task(
+        args.task, args.max_digits, args.min_len, args.max_len, args.max_ops
+    )
     heldout = heldout_problems(task, args.heldout, args.heldout_seed)
     lengths = sorted(set(args.answer_lengths))
     data = Batches(tok, rng, task, lengths, args.batch_size, set(heldout))
@@ -625,6 +871,16 @@ def main(argv=None):
         loss, _ = diffusion_loss(model, tokens, scored, masked, p, attn)
         return loss
 
+    def autoregressive_loss(model, tokens, scored, *_):
+        # Next-token CE on the answer and <|eot_id|>, mean over those tokens.
+        logits = model(tokens[:, :-1])
+        ce = nn.losses.cross_entropy(logits, tokens[:, 1:])
+        weights = scored[:, 1:]
+        return (ce * weights).sum() / weights.sum()
+
+    if autoregressive:
+        loss_fn = autoregressive_loss  # noqa: F811
+
     state = [model.state, optimizer.state]
 
     def train_step(tokens, scored, masked, p, attn):
@@ -640,8 +896,12 @@ def main(argv=None):
     eval_set = heldout[: args.eval_problems]
     start, running = time.time(), []
     for step in range(1, args.steps + 1):
-        tokens, attn, is_answer = data.next()
+        problems, n = data.next()
+        tokens, attn, is_answer = data.make(problems, n)
+        # Drawn for both objectives, so that both see the same problems.
         masked, p = data.noised(is_answer, args.eps)
+        if autoregressive:
+            tokens, is_answer = data.make_autoregressive(problems)
         loss = train_step(
             mx.array(tokens),
             mx.array(is_answer),
@@ -660,16 +920,27 @@ def main(argv=None):
             )
             running = []
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(model, tok, task, eval_set, eval_length, args.block_length)
-            print(
-                f"step {step:5d}  held-out exact match {acc:.3f} "
-                f"(canvas {eval_length}, block {args.block_length})",
-                flush=True,
-            )
-            save_checkpoint(model, tok, out, args.block_length)
+            if autoregressive:
+                acc = accuracy_autoregressive(model, tok, task, eval_set, eval_length)
+                how = f"greedy, at most {eval_length} tokens"
+            else:
+                acc = accuracy(
+                    model,
+                    tok,
+                    task,
+                    eval_set,
+                    eval_length,
+                    args.block_length,
+                    threshold=args.eval_threshold,
+                )
+                how = f"canvas {eval_length}, block {args.block_length}"
+                if args.eval_threshold is not None:
+                    how += f", threshold {args.eval_threshold} + dual cache"
+            print(f"step {step:5d}  held-out exact match {acc:.3f} ({how})", flush=True)
+            save(model, tok, out, args, heldout)
 
     train_time = time.time() - start
-    save_checkpoint(model, tok, out, args.block_length)
+    save(model, tok, out, args, heldout)
     stages.append(
         {
             "command": " ".join(
@@ -680,7 +951,8 @@ def main(argv=None):
             "answer_lengths": lengths,
             "batch_sizes": {str(n): data.batch_sizes[n] for n in lengths},
             "train_seconds": round(train_time, 1),
-            "heldout_accuracy_reference": acc,
+            "heldout_accuracy": acc,
+            "evaluated_with": how,
             "eval_length": eval_length,
         }
     )
@@ -688,11 +960,16 @@ def main(argv=None):
         out / "training.json",
         {
             "task": task.description,
-            "objective": "LLaDA SFT: t~U(eps,1), answer tokens masked with "
-            "prob t, CE on masked / t, / answer length, mean over batch",
+            "objective": (
+                "next-token CE on the answer and <|eot_id|>, mean over them"
+                if autoregressive
+                else "LLaDA SFT: t~U(eps,1), answer tokens masked with "
+                "prob t, CE on masked / t, / answer length, mean over batch"
+            ),
             "parameters": n_params,
             "train_seconds": round(sum(s["train_seconds"] for s in stages), 1),
-            "final_heldout_accuracy_reference": acc,
+            "final_heldout_accuracy": acc,
+            "final_evaluated_with": how,
             "args": vars(args),
             "stages": stages,
         },

@@ -3,7 +3,13 @@
 import argparse
 import functools
 
-from .diffusion import CACHE_MODES, REMASKING, SCHEDULES, THRESHOLD_FLOORS
+from .diffusion import (
+    CACHE_MODES,
+    DUAL_WINDOWS,
+    REMASKING,
+    SCHEDULES,
+    THRESHOLD_FLOORS,
+)
 from .infill import parse_gaps, template
 from .mlx_lm_patches import has_own_generation
 from .plugin_settings import set_command_settings
@@ -71,6 +77,17 @@ FLAGS = {
         "Uniform noise: the mean entropy below which a canvas may stop (0.005)",
     ),
     "cache": (str, f"Key/value cache across steps: {', '.join(CACHE_MODES)}"),
+    "dual_window": (
+        str,
+        f"What a dual-cache call recomputes: {', '.join(DUAL_WINDOWS)} (tail: "
+        "from the block's first position still masked or just committed; an "
+        "approximation)",
+    ),
+    "suffix_length": (
+        str,
+        "Calls see the canvas only this far past the current block (DPad's "
+        "suffix dropout, an approximation; 'none': the whole canvas)",
+    ),
 }
 BOOL_FLAGS = {
     "logits_eos_inf": "Never propose EOS (its logit is -inf)",

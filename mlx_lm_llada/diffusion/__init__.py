@@ -26,6 +26,7 @@ from .model_base import (
 from .reference_api import diffusion_generate
 from .settings import (
     CACHE_MODES,
+    DUAL_WINDOWS,
     FAST_DEFAULTS,
     REMASKING,
     SCHEDULES,
@@ -40,6 +41,7 @@ from .settings import (
 
 __all__ = [
     "CACHE_MODES",
+    "DUAL_WINDOWS",
     "FAST_DEFAULTS",
     "REMASKING",
     "SCHEDULES",

@@ -128,6 +128,11 @@ def check_for_model(settings: DiffusionSettings, spec: DiffusionSpec):
         raise ValueError(
             f"cfg_scale (classifier-free guidance) is not supported for {name}"
         )
+    if settings.suffix_length is not None:
+        raise ValueError(
+            f"suffix_length drops the canvas past the block, which {name} "
+            "never reads (it attends block-causally): leave it unset"
+        )
 
 
 def denoise(
@@ -192,6 +197,11 @@ def denoise(
     block_causal = spec.block_causal
     settings.check(gen_length, whole_blocks=template is None and not block_causal)
     check_for_model(settings, spec)
+    if settings.suffix_length is not None and template is not None:
+        raise ValueError(
+            "suffix_length drops the canvas past the current block: "
+            "fill-in-the-middle needs the text after the gap"
+        )
     if block_causal and template is not None:
         raise ValueError(
             f"Fill-in-the-middle needs a model that reads the text after a gap; "
@@ -219,6 +229,7 @@ def denoise(
         fixed or settings.capped_threshold or settings.threshold_floor == "scheduled"
     )
     editing = settings.editing_threshold
+    tail = settings.dual_window == "tail"
     eos = spec.eos_token_id
     end_ids = np.array(spec.end_token_ids, dtype=np.int64)
     zero_conf_ids = list(spec.end_token_ids) if settings.confidence_eos_eot_inf else []
@@ -251,8 +262,11 @@ def denoise(
     elif settings.cache != "none":
         caches = [CanvasCache() for _ in model.layers]
 
-    def run_model(start, end, positions):
+    def run_model(start, end, positions, keys_end):
         tokens = x[:, start:end]
+        mask = attention_mask
+        if mask is not None and not block_causal:
+            mask = mask[:, :keys_end]
         if cfg:
             # The unconditional half sees the prompt as masks.
             uncond = np.where(prompt_index[:, start:end], mask_id, tokens)
@@ -267,7 +281,7 @@ def denoise(
         logits = model(
             mx.array(tokens),
             cache=caches,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             logits_positions=mx.array(rows),
             **extra,
         ).astype(mx.float32)
@@ -283,6 +297,13 @@ def denoise(
         # of the block (in the prompt) are candidates too.
         lo = 0 if caches is None and not block_causal else bs
         width = be - lo
+        # Suffix dropout: calls see the canvas up to `seen`; the masks past
+        # it are not computed, attended or cached.
+        seen = (
+            T if settings.suffix_length is None else min(T, be + settings.suffix_length)
+        )
+        # dual_window="tail": where the next dual-cache call starts.
+        refresh_from = bs
         counts = _Counts(settings, steps_per_block, B, be - bs)
         # Editing can write masks back; a model that does so at every step
         # never fills the block (the reference's loop never ends). Past this
@@ -329,7 +350,7 @@ def denoise(
                 positions = np.array([bs])
             if block_causal:
                 start = 0 if stored is None else stored.offset
-                logits = run_model(start, be, positions)
+                logits = run_model(start, be, positions, be)
                 tokens_in = be - start
                 if stored is not None:
                     # Everything before the block is final: store it.
@@ -337,11 +358,14 @@ def denoise(
             # The first call of a block (or every call, without a cache) runs
             # the whole canvas; cached calls run what the mode needs.
             elif caches is None or step == 0:
-                logits, tokens_in = run_model(0, T, positions), T
+                logits, tokens_in = run_model(0, seen, positions, seen), seen
             elif settings.cache == "prefix":
-                logits, tokens_in = run_model(bs, T, positions), T - bs
+                logits = run_model(bs, seen, positions, seen)
+                tokens_in = seen - bs
             else:
-                logits, tokens_in = run_model(bs, be, positions), be - bs
+                # A shifted model reads the first position from the one before.
+                start = max(bs, refresh_from - shift) if tail else bs
+                logits, tokens_in = run_model(start, be, positions, seen), be - start
             nfe += 1
 
             if settings.logits_eos_inf and eos is not None:
@@ -414,6 +438,12 @@ def denoise(
                 committed.append(lo + idx)
                 confidences.append(conf_np[j, idx])
             step += 1
+            if tail:
+                # Keys to refresh: the masks, and what was just committed
+                # (computed as masks); the tokens before them keep theirs.
+                left = np.flatnonzero((x[:, bs:be] == mask_id).any(axis=0))
+                starts = [bs + int(left[0]) if len(left) else be]
+                refresh_from = min(starts + [int(c.min()) for c in committed if len(c)])
 
             # With editing a block's tokens may still change: its end is
             # decided when the block ends.

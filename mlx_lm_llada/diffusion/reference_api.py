@@ -28,8 +28,11 @@ def _llada_arguments(
     threshold: Optional[float] = None,
     factor: Optional[float] = None,
     cache: Optional[str] = None,
+    suffix_length: Optional[int] = None,
+    dual_window: str = "block",
 ):
-    """LLaDA's ``generate`` and Fast-dLLM's ``generate_with_*_cache``."""
+    """LLaDA's ``generate`` and Fast-dLLM's ``generate_with_*_cache``
+    (``suffix_length`` and ``dual_window`` are our additions)."""
     settings = dict(
         steps=steps,
         block_length=block_length,
@@ -40,6 +43,8 @@ def _llada_arguments(
         threshold=threshold,
         factor=factor,
         cache=cache or "none",
+        suffix_length=suffix_length,
+        dual_window=dual_window,
     )
     return dict(
         gen_length=gen_length,
@@ -73,6 +78,8 @@ def _dream_arguments(
     block_length: Optional[int] = None,
     dual_cache: bool = False,
     mask_token_id: Optional[int] = None,
+    suffix_length: Optional[int] = None,
+    dual_window: str = "block",
 ):
     """Dream's ``diffusion_generate`` and Fast-dLLM's Dream loops: with
     ``block_length`` the block loop with a prefix (or ``dual_cache``) cache,
@@ -89,6 +96,8 @@ def _dream_arguments(
         alg_temp=alg_temp or 0.0,
         block_length=block_length,
         schedule="timesteps",
+        suffix_length=suffix_length,
+        dual_window=dual_window,
     )
     if block_length is not None:
         settings["cache"] = "dual" if dual_cache else "prefix"
@@ -254,7 +263,8 @@ def diffusion_generate(
         params: The family's own arguments. LLaDA: ``steps``, ``gen_length``,
             ``block_length``, ``temperature``, ``cfg_scale``, ``remasking``,
             ``mask_id``, ``logits_eos_inf``, ``confidence_eos_eot_inf`` and
-            Fast-dLLM's ``threshold``, ``factor``, ``cache``. Dream:
+            Fast-dLLM's ``threshold``, ``factor``, ``cache`` (and our
+            ``suffix_length`` and ``dual_window``, for Dream too). Dream:
             ``max_new_tokens`` (or ``max_length``), ``steps``, ``eps``,
             ``alg``, ``alg_temp``, ``temperature``, ``top_p``, ``top_k`` and
             Fast-dLLM's ``threshold``, ``block_length``, ``dual_cache``.

@@ -22,6 +22,9 @@ SCHEDULES = ("even", "block", "timesteps")
 # at least one (Fast-dLLM, ">= threshold") or at least the scheduled count
 # (LLaDA 2, "> threshold").
 THRESHOLD_FLOORS = ("one", "scheduled")
+# What a dual-cache call recomputes: the whole block (Fast-dLLM), or its tail
+# from the first position still masked or committed by the step before.
+DUAL_WINDOWS = ("block", "tail")
 # How a model attends: to the whole sequence, or (block diffusion: LLaDA 2)
 # to its own block and every block before it, blocks aligned to position 0.
 ATTENTION = ("bidirectional", "block_causal")
@@ -128,6 +131,13 @@ class DiffusionSettings:
     block's generated tokens whose proposal differs and is more probable than
     it; once the block has no mask, up to ``max_post_steps`` more steps edit
     it, and it ends at the first step that changes nothing.
+
+    ``suffix_length`` (DPad's suffix dropout, an approximation): a model
+    call sees the canvas up to this many positions past the current block,
+    not the masks beyond, which are still to come (None: the whole canvas).
+    ``dual_window="tail"`` (an approximation): a dual-cache call recomputes
+    the block from its first position that is still masked or was committed
+    by the step before; the keys before it stay as they were computed.
     """
 
     steps: Optional[int] = None
@@ -147,6 +157,8 @@ class DiffusionSettings:
     editing_threshold: Optional[float] = None
     max_post_steps: int = 16
     cache: str = "none"
+    suffix_length: Optional[int] = None
+    dual_window: str = "block"
     reference: bool = False
     # Uniform noise (DiffusionGemma), with its reference's names.
     max_denoising_steps: int = 48
@@ -168,6 +180,7 @@ class DiffusionSettings:
             ("schedule", SCHEDULES),
             ("cache", CACHE_MODES),
             ("threshold_floor", THRESHOLD_FLOORS),
+            ("dual_window", DUAL_WINDOWS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -206,8 +219,17 @@ class DiffusionSettings:
             )
         if self.entropy_bound < 0:
             raise ValueError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
+        if self.suffix_length is not None and self.suffix_length < 0:
+            raise ValueError(
+                f"suffix_length must be >= 0 or None, got {self.suffix_length}"
+            )
         if self.max_post_steps < 0:
             raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
+        if self.dual_window != "block" and self.cache != "dual":
+            raise ValueError(
+                f"dual_window={self.dual_window!r} is a mode of the dual cache: "
+                f"set cache='dual' (got cache={self.cache!r})"
+            )
         if self.threshold_floor == "scheduled" and self.threshold is None:
             raise ValueError(
                 "threshold_floor='scheduled' floors the threshold rule: set threshold"
@@ -341,8 +363,17 @@ def resolve_settings(
     values.update(overrides)
     if values.get("reference"):
         check_reference(overrides, spec)
-        values.update(spec.reference)
+        values.update(exact_settings(spec))
     return DiffusionSettings(**values)
+
+
+# What every family's exact schedule turns off: approximations of ours.
+EXACT = {"suffix_length": None, "dual_window": "block"}
+
+
+def exact_settings(spec: Optional[DiffusionSpec] = None) -> Dict[str, Any]:
+    """The settings that ``reference=True`` forces for ``spec``."""
+    return {**EXACT, **(spec or DiffusionSpec(0)).reference}
 
 
 # The settings of the uniform-noise loop; the others are masked diffusion's.
@@ -370,7 +401,7 @@ def check_reference(given: Dict[str, Any], spec: Optional[DiffusionSpec] = None)
     """Refuse ``reference=True`` given together with a setting it forces."""
     if not given.get("reference"):
         return
-    forced = (spec or DiffusionSpec(0)).reference
+    forced = exact_settings(spec)
     clash = sorted(k for k, v in forced.items() if k in given and given[k] != v)
     if clash:
         family = f"{spec.family}'s" if spec is not None else "the"
