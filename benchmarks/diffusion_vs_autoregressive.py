@@ -53,6 +53,14 @@ MODES = {
         "prefix cache": dict(cache="prefix"),
         "dual cache": dict(cache="dual"),
         "dual cache + threshold 0.9": dict(cache="dual", threshold=0.9),
+        # Approximations of ours: calls see 32 positions past the block; the
+        # dual cache recomputes the block from its first mask.
+        "dual cache + threshold 0.9 + suffix 32": dict(
+            cache="dual", threshold=0.9, suffix_length=32
+        ),
+        "dual cache + threshold 0.9 + suffix 32 + tail window": dict(
+            cache="dual", threshold=0.9, suffix_length=32, dual_window="tail"
+        ),
     },
     # Dream's own loop has no blocks: the whole canvas at once, on the
     # timestep schedule (entropy ranking, as Dream's examples). Fast-dLLM's

@@ -45,11 +45,29 @@ import mlx_lm_llada  # noqa: E402,F401  (the hook: mlx_lm.load runs LLaDA)
 MODES = {
     "reference (one token a step, no cache)": dict(reference=True),
     "default (dual cache + threshold 0.9)": dict(),
+    "threshold 0.9 + prefix cache": dict(cache="prefix"),
     "default + suffix 64": dict(suffix_length=64),
     "default + suffix 32": dict(suffix_length=32),
     "default + suffix 16": dict(suffix_length=16),
-    "threshold 0.9 + prefix cache": dict(cache="prefix"),
+    "default + tail window": dict(dual_window="tail"),
+    "default + suffix 32 + tail window": dict(suffix_length=32, dual_window="tail"),
+    "default + suffix 32 + tail window, blocks of 16": dict(
+        suffix_length=32, dual_window="tail", block_length=16
+    ),
+    "threshold 0.7 + suffix 32 + tail window": dict(
+        threshold=0.7, suffix_length=32, dual_window="tail"
+    ),
+    "threshold 0.5 + suffix 32 + tail window": dict(
+        threshold=0.5, suffix_length=32, dual_window="tail"
+    ),
 }
+# At the canvas that fits the answer: the reference, the default and the
+# fastest approximations.
+FIT_MODES = [
+    "reference (one token a step, no cache)",
+    "default (dual cache + threshold 0.9)",
+    "default + suffix 32 + tail window",
+]
 AUTOREGRESSIVE = "autoregressive (mlx-lm)"
 
 
@@ -59,12 +77,12 @@ def load_problems(path: Path, n=None):
     return problems[:n] if n else problems
 
 
-def answer_tokens(tokenizer, answer):
+def answer_tokens(tokenizer, question):
     """The worked answer's length in tokens (for the ``fit`` canvas)."""
     from train_tiny_llada import make_task
 
     task = make_task("arith")
-    return len(tokenizer.encode(task.answer(answer), add_special_tokens=False))
+    return len(tokenizer.encode(task.answer(question), add_special_tokens=False))
 
 
 def run(model, tokenizer, problems, max_tokens, settings, count_calls):
@@ -123,7 +141,12 @@ def main():
         default=["256"],
         help="'256' (--max-tokens) and/or 'fit' (the answer rounded up to a block)",
     )
-    p.add_argument("--modes", nargs="+", choices=list(MODES), help="default: all")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        help="default: all at 256, FIT_MODES at fit",
+    )
     p.add_argument("--out", type=Path, help="default: next to --model")
     args = p.parse_args()
 
@@ -144,7 +167,8 @@ def main():
     for canvas in args.canvases:
         max_tokens = fit if canvas == "fit" else args.max_tokens
         label = "fit" if canvas == "fit" else str(args.max_tokens)
-        for mode in [AUTOREGRESSIVE] + (args.modes or list(MODES)):
+        modes = args.modes or (FIT_MODES if canvas == "fit" else list(MODES))
+        for mode in [AUTOREGRESSIVE] + modes:
             if mode == AUTOREGRESSIVE:
                 row, _ = run(ar_model, ar_tokenizer, problems, max_tokens, {}, False)
             else:

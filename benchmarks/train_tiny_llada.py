@@ -481,6 +481,7 @@ def model_shape(args):
             "n_heads": args.n_heads,
             "mlp_hidden_size": args.mlp_hidden_size,
             "vocab_size": args.vocab_size,
+            "rope_theta": args.rope_theta,
         }
     return {
         "hidden_size": args.hidden_size,
@@ -488,6 +489,7 @@ def model_shape(args):
         "num_attention_heads": args.num_attention_heads,
         "intermediate_size": args.intermediate_size,
         "vocab_size": args.vocab_size,
+        "rope_theta": args.rope_theta,
     }
 
 
@@ -770,6 +772,13 @@ def parse_args(argv=None):
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--mlp-hidden", type=int, default=256)
     p.add_argument("--vocab-rows", type=int, default=128)
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=500000.0,
+        help="RoPE base (LLaDA-8B's by default; a narrow head resolves positions "
+        "better with a smaller one)",
+    )
     p.add_argument("--heldout", type=int, default=200, help="problems never trained on")
     p.add_argument("--heldout-seed", type=int, default=1234)
     p.add_argument("--eval-every", type=int, default=250)
@@ -793,7 +802,7 @@ def diffusion_args(args, ids):
         eos_token_id=ids[EOS],
         eot_token_id=ids[EOT],
         bos_token_id=ids[BOS],
-        rope_theta=500000.0,
+        rope_theta=args.rope_theta,
         max_sequence_length=4096,
     )
 
@@ -824,7 +833,7 @@ def main(argv=None):
                 num_key_value_heads=args.n_heads,
                 rms_norm_eps=1e-5,
                 vocab_size=args.vocab_rows,
-                rope_theta=500000.0,
+                rope_theta=args.rope_theta,
                 max_position_embeddings=4096,
                 tie_word_embeddings=False,
             )
@@ -865,7 +874,7 @@ def main(argv=None):
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
 
-    def loss_fn(model, tokens, scored, masked, p, attn):
+    def masked_diffusion_loss(model, tokens, scored, masked, p, attn):
         # The package's objective (what mlx_lm.lora trains with): CE on the
         # masked tokens / p / answer length, summed, / batch.
         loss, _ = diffusion_loss(model, tokens, scored, masked, p, attn)
@@ -878,8 +887,7 @@ def main(argv=None):
         weights = scored[:, 1:]
         return (ce * weights).sum() / weights.sum()
 
-    if autoregressive:
-        loss_fn = autoregressive_loss  # noqa: F811
+    loss_fn = autoregressive_loss if autoregressive else masked_diffusion_loss
 
     state = [model.state, optimizer.state]
 

@@ -223,3 +223,44 @@ def test_a_shifted_model_reads_its_first_mask_from_inside_the_window():
         assert bs + BLOCK - tokens_in <= max(bs, bs + first_mask[0] - 1)
         later += 1
     assert later > 0
+
+
+def test_our_generate_takes_both_as_flags():
+    from test_generation_cli import MODEL, expected_text, printed_text, run
+
+    flags = ["--block-length", "8", "--threshold", "0.5", "--cache", "dual"]
+    flags += ["--suffix-length", "8", "--dual-window", "tail"]
+    out = run(
+        "mlx_lm_llada.generate",
+        "--model",
+        MODEL,
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "32",
+        *flags,
+    )
+    assert out.returncode == 0, out.stderr
+    assert printed_text(out.stdout) == expected_text(
+        "hello",
+        max_tokens=32,
+        block_length=8,
+        threshold=0.5,
+        cache="dual",
+        suffix_length=8,
+        dual_window="tail",
+    )
+    # LLaDA's default cache is dual: the flag alone is accepted; with another
+    # cache it is refused by name.
+    alone = run("mlx_lm_llada.generate", "--model", MODEL, "--dual-window", "tail")
+    assert alone.returncode == 0, alone.stderr
+    bad = run(
+        "mlx_lm_llada.generate",
+        "--model",
+        MODEL,
+        "--cache",
+        "prefix",
+        "--dual-window",
+        "tail",
+    )
+    assert bad.returncode != 0 and "a mode of the dual cache" in bad.stderr

@@ -160,3 +160,43 @@ def test_generation_speed_counts_the_call_that_made_the_tokens(trained):
     assert len(calls) == 1  # one model call made every token
     honest = responses[-1].generation_tokens / wall
     assert honest / 2 <= responses[-1].generation_tps <= honest * 2
+
+
+def test_mlx_lm_generate_prints_an_honest_speed_for_a_one_call_answer(trained):
+    """The figure ``mlx_lm.generate`` prints, against the answer's tokens over
+    the wall time of its ``generate`` call (timed around it in the same
+    process): within a factor of 2."""
+    import re
+    import subprocess
+    import sys
+
+    _, _, heldout = trained
+    question, answer = heldout[0]
+    timed = (
+        "import sys, time\n"
+        "import mlx_lm.generate\n"
+        "g = sys.modules['mlx_lm.generate']  # the module, not the function\n"
+        "inner = g.generate\n"
+        "def generate(*args, **kwargs):\n"
+        "    tic = time.perf_counter()\n"
+        "    out = inner(*args, **kwargs)\n"
+        "    print(f'WALL {time.perf_counter() - tic}')\n"
+        "    return out\n"
+        "g.generate = generate\n"
+        "sys.argv = ['mlx_lm.generate'] + sys.argv[1:]\n"
+        "g.main()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", timed, "--model", str(TRAINED), "--prompt", question],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert answer in out.stdout
+    tokens, tps = re.search(
+        r"Generation: (\d+) tokens, ([\d.]+) tokens-per-sec", out.stdout
+    ).groups()
+    wall = float(re.search(r"WALL ([\d.]+)", out.stdout).group(1))
+    honest = int(tokens) / wall
+    assert honest / 2 <= float(tps) <= honest * 2, out.stdout

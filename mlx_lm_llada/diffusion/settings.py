@@ -225,11 +225,6 @@ class DiffusionSettings:
             )
         if self.max_post_steps < 0:
             raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
-        if self.dual_window != "block" and self.cache != "dual":
-            raise ValueError(
-                f"dual_window={self.dual_window!r} is a mode of the dual cache: "
-                f"set cache='dual' (got cache={self.cache!r})"
-            )
         if self.threshold_floor == "scheduled" and self.threshold is None:
             raise ValueError(
                 "threshold_floor='scheduled' floors the threshold rule: set threshold"
@@ -270,6 +265,13 @@ class DiffusionSettings:
         ``whole_blocks=False`` (a canvas from a template, or blocks aligned
         to position 0) lets the canvas end inside a block."""
         self.check_values()
+        # Checked with the settings in force (a command's flag alone may
+        # rely on the model's default cache).
+        if self.dual_window != "block" and self.cache != "dual":
+            raise ValueError(
+                f"dual_window={self.dual_window!r} is a mode of the dual cache: "
+                f"set cache='dual' (got cache={self.cache!r})"
+            )
         if gen_length <= 0:
             raise ValueError(f"gen_length must be positive, got {gen_length}")
         block_length = self.block_size(gen_length)
