@@ -239,6 +239,7 @@ def gemma4_model(g, dtype, bits):
     from dataclasses import fields
 
     from mlx_lm.models import gemma4_text
+
     from mlx_lm_llada.models import diffusion_gemma
 
     same = diffusion_gemma.ModelArgs.from_dict(_gemma_config(g))
