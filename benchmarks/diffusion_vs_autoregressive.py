@@ -535,7 +535,7 @@ def checkpoint_geometry(model):
     )
 
 
-def run_trained(path, problems, gen_length, block_length, dtype):
+def run_trained(path, problems, gen_length, block_length, dtype, modes=None):
     """Each decoding mode on held-out problems, one at a time, early stop on
     (as mlx-lm streams): answer tokens per second, calls, exact match."""
     import mlx_lm
@@ -566,7 +566,7 @@ def run_trained(path, problems, gen_length, block_length, dtype):
         for q in questions
     ]
     rows = []
-    for mode in MODES[model.diffusion.family]:
+    for mode in modes or MODES[model.diffusion.family]:
         for early_stop in (True, False):
             tokens = calls = correct = 0
             _peak_reset()
@@ -722,7 +722,7 @@ def main():
         "--modes",
         nargs="+",
         choices=sorted({m for modes in MODES.values() for m in modes}),
-        help="with --geometry: only these decoding modes (default: all)",
+        help="only these decoding modes (default: all)",
     )
     parser.add_argument(
         "--step-costs-only",
@@ -756,7 +756,12 @@ def main():
         return
     if args.model is not None:
         g, rows = run_trained(
-            args.model, args.problems, args.gen_length, args.block_length, dtype
+            args.model,
+            args.problems,
+            args.gen_length,
+            args.block_length,
+            dtype,
+            args.modes,
         )
         costs = None
         title = f"trained {args.model.name}, {args.dtype}, canvas {args.gen_length}"

@@ -183,10 +183,14 @@ def checkpoint_prompts(path, n):
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(path))
-    lines = (Path(path) / "heldout.jsonl").read_text().splitlines()[:n]
+    heldout = Path(path) / "heldout.jsonl"
+    if heldout.exists():
+        questions = [json.loads(line)["prompt"] for line in heldout.open()]
+    else:  # the sorter's: (question, answer) pairs in evaluation.json
+        evaluation = json.loads((Path(path) / "evaluation.json").read_text())
+        questions = [q for q, _ in evaluation["heldout"]]
     prompts = []
-    for line in lines:
-        q = json.loads(line)["prompt"]
+    for q in questions[:n]:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True
         )
@@ -208,7 +212,11 @@ def geometry_prompts(name, prompt_length, n):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="a checkpoint with heldout.jsonl")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="a trained checkpoint with heldout.jsonl (or the sorter's evaluation.json)",
+    )
     p.add_argument("--geometry", help="a random-weight shape instead")
     p.add_argument("--problems", type=int, default=10)
     p.add_argument("--prompt-length", type=int, default=300, help="--geometry")
