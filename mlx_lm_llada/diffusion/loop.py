@@ -356,7 +356,7 @@ def denoise(
                     # Everything before the block is final: store it.
                     stored.keep(bs, x[0, :bs])
             # The first call of a block (or every call, without a cache) runs
-            # the whole canvas; cached calls run what the mode needs.
+            # the canvas up to `seen`; cached calls run what the mode needs.
             elif caches is None or step == 0:
                 logits, tokens_in = run_model(0, seen, positions, seen), seen
             elif settings.cache == "prefix":
