@@ -45,7 +45,9 @@ def set_command_settings(**settings):
         if v is not None
     }
     check_setting_names(settings, "the command's flags")
-    DiffusionSettings(**settings).check_values()  # fail now, not mid-run
+    # Fail now, not mid-run; a pair is checked once the model's defaults are
+    # merged (a flag may rely on them).
+    DiffusionSettings(**settings).check_each()
     check_reference(settings)
     _command_settings.clear()
     _command_settings.update(settings)

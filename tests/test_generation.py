@@ -688,3 +688,25 @@ def test_generation_config_unknown_setting(tmp_path):
     )
     with pytest.raises(ValueError, match="stepz.*generation defaults"):
         list(stream_generate(model, tokenizer, [BOS, 65], max_tokens=8))
+
+
+def test_a_flag_may_rely_on_the_models_defaults():
+    # Pairs are checked on the settings in force: Dream's default threshold
+    # makes --capped-threshold valid, LLaDA's default cache --dual-window.
+    from mlx_lm import stream_generate
+
+    dream, dream_tokenizer = load_golden("tiny-mha", "dream")
+    set_command_settings(capped_threshold=True, block_length="none")
+    out = list(stream_generate(dream, dream_tokenizer, "hello", max_tokens=8))
+    assert out
+    set_command_settings(dual_window="tail")
+    model, tokenizer = load_golden("tiny-mha")
+    assert list(stream_generate(model, tokenizer, "hello", max_tokens=8))
+    # A pair that the defaults do not rescue is refused when generation
+    # starts, by name.
+    set_command_settings(cache="prefix", dual_window="tail")
+    with pytest.raises(ValueError, match="a mode of the dual cache"):
+        list(stream_generate(model, tokenizer, "hello", max_tokens=8))
+    set_command_settings(factor=1.0)  # beside LLaDA's default threshold
+    with pytest.raises(ValueError, match="two rules"):
+        list(stream_generate(model, tokenizer, "hello", max_tokens=8))

@@ -169,6 +169,11 @@ class DiffusionSettings:
     confidence_threshold: float = 0.005
 
     def check_values(self):
+        """Raise a ValueError naming the first impossible setting or pair."""
+        self.check_each()
+        self.check_combination()
+
+    def check_each(self):
         """Raise a ValueError naming the first setting that is impossible alone."""
         self._check_types()
         if self.block_length is not None and self.block_length <= 0:
@@ -196,10 +201,6 @@ class DiffusionSettings:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.factor is not None and self.factor <= 0:
             raise ValueError(f"factor must be positive, got {self.factor}")
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError("threshold and factor are two rules: set only one")
-        if self.capped_threshold and self.threshold is None:
-            raise ValueError("capped_threshold caps the threshold rule: set threshold")
         if self.num_to_transfer is not None and self.num_to_transfer <= 0:
             raise ValueError(
                 f"num_to_transfer must be positive, got {self.num_to_transfer}"
@@ -225,6 +226,16 @@ class DiffusionSettings:
             )
         if self.max_post_steps < 0:
             raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
+
+    def check_combination(self):
+        """Raise a ValueError naming settings that cannot work together.
+
+        Checked on the settings in force: a command's flag alone may rely on
+        the model's defaults (``--capped-threshold`` on Dream's threshold)."""
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("threshold and factor are two rules: set only one")
+        if self.capped_threshold and self.threshold is None:
+            raise ValueError("capped_threshold caps the threshold rule: set threshold")
         if self.threshold_floor == "scheduled" and self.threshold is None:
             raise ValueError(
                 "threshold_floor='scheduled' floors the threshold rule: set threshold"
@@ -234,6 +245,11 @@ class DiffusionSettings:
             raise ValueError(
                 "remasking='origin' commits positions at random: it cannot be "
                 "combined with threshold or factor"
+            )
+        if self.dual_window != "block" and self.cache != "dual":
+            raise ValueError(
+                f"dual_window={self.dual_window!r} is a mode of the dual cache: "
+                f"set cache='dual' (got cache={self.cache!r})"
             )
 
     def _check_types(self):
@@ -265,13 +281,6 @@ class DiffusionSettings:
         ``whole_blocks=False`` (a canvas from a template, or blocks aligned
         to position 0) lets the canvas end inside a block."""
         self.check_values()
-        # Checked with the settings in force (a command's flag alone may
-        # rely on the model's default cache).
-        if self.dual_window != "block" and self.cache != "dual":
-            raise ValueError(
-                f"dual_window={self.dual_window!r} is a mode of the dual cache: "
-                f"set cache='dual' (got cache={self.cache!r})"
-            )
         if gen_length <= 0:
             raise ValueError(f"gen_length must be positive, got {gen_length}")
         block_length = self.block_size(gen_length)
