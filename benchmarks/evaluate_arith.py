@@ -39,7 +39,6 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import mlx_lm_llada  # noqa: E402,F401  (the hook: mlx_lm.load runs LLaDA)
 
 # Each diffusion mode: the settings stream_generate passes to the sampler.
 MODES = {

@@ -198,11 +198,9 @@ class Arithmetic:
         return self.FINAL.format(self.final(question)) in text
 
     def longest(self):
-        return (
-            "10"
-            + "".join("+9-9"[2 * (i % 2) :][:2] for i in range(self.max_ops))
-            + "=?"
-        )
+        # Every step as long as a step gets, every value in range.
+        steps = ("+9" if i % 2 == 0 else "-9" for i in range(self.max_ops))
+        return "10" + "".join(steps) + "=?"
 
     def fits(self, canvas):
         """Whether a one-step answer and <|eot_id|> fit ``canvas`` tokens."""
@@ -459,14 +457,13 @@ def save_autoregressive(model, tok, out: Path):
     save_tokenizer(tok, out)
 
 
-def save(model, tok, out: Path, args, heldout):
+def save(model, tok, out: Path, args, task, heldout):
     """The checkpoint of either objective; an arithmetic run's held-out set."""
     if args.objective == "autoregressive":
         save_autoregressive(model, tok, out)
     else:
         save_checkpoint(model, tok, out, args.block_length)
-    if args.task == "arith" and args.objective == "diffusion":
-        task = make_task("arith", max_ops=args.max_ops)
+    if hasattr(task, "final") and args.objective == "diffusion":
         with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
             for q in heldout:
                 f.write(json.dumps({"prompt": q, "answer": task.final(q)}) + "\n")
@@ -945,10 +942,10 @@ def main(argv=None):
                 if args.eval_threshold is not None:
                     how += f", threshold {args.eval_threshold} + dual cache"
             print(f"step {step:5d}  held-out exact match {acc:.3f} ({how})", flush=True)
-            save(model, tok, out, args, heldout)
+            save(model, tok, out, args, task, heldout)
 
     train_time = time.time() - start
-    save(model, tok, out, args, heldout)
+    save(model, tok, out, args, task, heldout)
     stages.append(
         {
             "command": " ".join(

@@ -11,6 +11,8 @@ recomputes the block from its first position that is still masked or was
 committed by the step before (whose keys were computed as masks).
 """
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -36,7 +38,8 @@ def _run(model, prompt, **kwargs):
         steps=GEN,
         gen_length=GEN,
         block_length=BLOCK,
-        on_step=steps.append,
+        # The loop's canvas is live: each step keeps its own copy.
+        on_step=lambda s: steps.append(dataclasses.replace(s, canvas=s.canvas.copy())),
         **kwargs,
     )
     return np.array(out), nfe, steps
@@ -105,10 +108,11 @@ def test_a_padded_batch_keeps_its_padding_mask():
         threshold=0.9,
         suffix_length=4,
     )
+    # The padded row answers as its unpadded prompt alone does.
     alone, _, _ = _run(
-        model, mx.array(prompt[1:]), cache="dual", threshold=0.9, suffix_length=4
+        model, mx.array(prompt[:1, 2:]), cache="dual", threshold=0.9, suffix_length=4
     )
-    assert (out[1] == alone[0]).all()
+    assert (out[0, 2:] == alone[0]).all()
 
 
 def test_bad_suffix_lengths_are_refused():
@@ -143,42 +147,27 @@ def test_a_block_causal_model_refuses_it():
         next(model.generate_step(mx.array([1, 2, 3]), max_tokens=8, suffix_length=4))
 
 
-def _tail_run(model, prompt, **kwargs):
-    steps = []
-    out, nfe = diffusion_generate(
-        model,
-        prompt,
-        steps=GEN,
-        gen_length=GEN,
-        block_length=BLOCK,
-        cache="dual",
-        dual_window="tail",
-        on_step=lambda s: steps.append(
-            (s.block_start, s.step, s.tokens_in, s.canvas.copy(), s.committed)
-        ),
-        **kwargs,
-    )
-    return np.array(out), nfe, steps
-
-
 @pytest.mark.parametrize("threshold", [None, 0.3])
 def test_the_tail_window_refreshes_the_masks_and_the_last_commits(threshold):
     model, _ = load_golden("tiny-mha")
     mask_id = model.diffusion.mask_token_id
-    out, nfe, steps = _tail_run(model, _prompt(model), threshold=threshold)
+    out, nfe, steps = _run(
+        model, _prompt(model), cache="dual", dual_window="tail", threshold=threshold
+    )
     assert not (out == mask_id).any()
     shorter = 0
-    for before, (bs, step, tokens_in, canvas, committed) in zip(steps, steps[1:]):
-        if step == 0:
-            assert tokens_in == canvas.shape[1]  # a block's first call: all
+    for before, s in zip(steps, steps[1:]):
+        if s.step == 0:
+            assert s.tokens_in == s.canvas.shape[1]  # a block's first call: all
             continue
-        start = bs + BLOCK - tokens_in
+        bs = s.block_start
+        start = bs + BLOCK - s.tokens_in
         masked_before = np.flatnonzero(
-            (before[3][:, bs : bs + BLOCK] == mask_id).any(0)
+            (before.canvas[:, bs : bs + BLOCK] == mask_id).any(0)
         )
         assert start <= bs + masked_before[0]  # every mask is recomputed
-        assert all(start <= c.min() for c in before[4] if len(c))  # and the news
-        shorter += tokens_in < BLOCK
+        assert all(start <= c.min() for c in before.committed if len(c))  # news
+        shorter += s.tokens_in < BLOCK
     assert shorter > 0  # the window did shrink
 
 

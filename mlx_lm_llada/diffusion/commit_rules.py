@@ -56,16 +56,21 @@ def confidence(
     logits: mx.array,
     tokens: mx.array,
     end_ids: Optional[List[int]] = None,
+    logprobs: Optional[mx.array] = None,
 ) -> mx.array:
     """How sure the model is of each proposal ``tokens`` [B, K] (larger is
     surer), from ``logits`` [B, K, V] (float32).
 
     ``end_ids``: proposals of these tokens rank last (the paper's rule for
     EOS and EoT; for ``low_confidence`` their probability is 0, as LLaDA's
-    code computes it).
+    code computes it). ``logprobs``, the logits' log-softmax if the caller
+    has it, spares ``low_confidence`` a log-sum-exp over the vocabulary.
     """
     if kind in ("random", "origin"):
         return mx.random.uniform(shape=tokens.shape)
+    if kind == "low_confidence" and not end_ids and logprobs is not None:
+        # The same arithmetic: logprobs are logits - logsumexp(logits).
+        return mx.exp(mx.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0])
     if kind == "low_confidence":
         if end_ids:
             logits = mx.array(logits)

@@ -385,13 +385,9 @@ def denoise(
                 x0 = mx.where(edit_to == mask_id, x0, edit_to)
                 chosen = mx.take_along_axis(logprobs, edit_to[..., None], axis=-1)
                 chosen = mx.exp(chosen[..., 0])
-            if settings.remasking == "low_confidence" and not zero_conf_ids:
-                # The proposal's probability, read from the log-probabilities
-                # already computed (the same arithmetic, one pass fewer).
-                conf = mx.exp(mx.take_along_axis(logprobs, x0[..., None], axis=-1))
-                conf = conf[..., 0]
-            else:
-                conf = confidence(settings.remasking, logits, x0, zero_conf_ids)
+            conf = confidence(
+                settings.remasking, logits, x0, zero_conf_ids, logprobs=logprobs
+            )
             mx.eval(x0, conf, logprobs, edit_to, chosen)
             x0_np = np.zeros((B, width), dtype=np.int64)
             x0_np[:, positions - lo] = np.array(x0, dtype=np.int64)
