@@ -135,13 +135,16 @@ class Sorting:
 
 
 class Arithmetic:
-    """``"47+3-8=?"`` -> ``"47+3=50. 50-8=42. The answer is 42."``.
+    """``"95 mod 7=?"`` -> ``"95-7=88. 88-7=81. ... 11-7=4. The answer is 4."``.
 
-    A chain of 1..max_ops additions and subtractions of one digit to a
-    number of two digits, every running value in 10..99; the answer works
-    each step, so every step's result depends on the one before. One
-    character is one token, and every step takes 9 (``"50-8=42. "``): an
-    answer of n steps takes 9n + 17 tokens, 197 for 20.
+    The remainder by repeated subtraction, one worked step at a time, for
+    ``x`` in 10..199 and ``d`` in 2..19 with 1 to ``max_ops`` steps: every
+    step's result depends on the one before, and the answer ends when the
+    value falls below ``d``. Only the first step reads the question, at a
+    fixed distance from the answer: a bidirectional model has no causal
+    order to count positions by, and a chain that looked up its k-th
+    operand in the question did not train. One character is one token; an
+    answer takes 25 to 224 tokens.
     """
 
     name = "arith"
@@ -150,41 +153,28 @@ class Arithmetic:
     def __init__(self, max_ops=20):
         self.max_ops = max_ops
         self.description = (
-            f"chains of 1 to {max_ops} one-digit additions and subtractions, "
-            "answered with worked steps"
+            f"remainders by repeated subtraction (x 10..199, d 2..19, 1 to "
+            f"{max_ops} steps), answered with worked steps"
         )
 
-    def max_ops_within(self, tokens):
-        """The most steps whose longest answer fits ``tokens`` tokens."""
-        # A step takes 9 characters ("99-9=90. "), the end 17.
-        return min(self.max_ops, (tokens - len(self.FINAL.format(99))) // 9)
-
     def sample(self, rng, n, max_answer_tokens=None):
-        top = self.max_ops
-        if max_answer_tokens is not None:
-            top = self.max_ops_within(max_answer_tokens)
         out = []
-        for k in rng.integers(1, top + 1, size=n).tolist():
-            value = int(rng.integers(10, 100))
-            text = str(value)
-            for b in rng.integers(1, 10, size=k).tolist():
-                plus = rng.random() < 0.5
-                if value + b > 99 or value - b < 10:
-                    plus = value + b <= 99
-                value = value + b if plus else value - b
-                text += f"{'+' if plus else '-'}{b}"
-            out.append(text + "=?")
+        while len(out) < n:
+            d = int(rng.integers(2, 20))
+            x = int(rng.integers(max(10, d), min(199, (self.max_ops + 1) * d - 1) + 1))
+            q = f"{x} mod {d}=?"
+            if max_answer_tokens is None or len(self.answer(q)) <= max_answer_tokens:
+                out.append(q)
         return out
 
     def worked(self, question):
         """The worked steps and the final value of ``question``."""
-        terms = question.rstrip("=?").replace("-", " -").replace("+", " +").split()
-        value, steps = int(terms[0]), []
-        for t in terms[1:]:
-            new = value + int(t)
-            steps.append(f"{value}{t[0]}{t[1:]}={new}.")
-            value = new
-        return steps, value
+        x, d = map(int, question.rstrip("=?").split(" mod "))
+        steps = []
+        while x >= d:
+            steps.append(f"{x}-{d}={x - d}.")
+            x -= d
+        return steps, x
 
     def answer(self, question):
         steps, value = self.worked(question)
@@ -198,13 +188,19 @@ class Arithmetic:
         return self.FINAL.format(self.final(question)) in text
 
     def longest(self):
-        # Every step as long as a step gets, every value in range.
-        steps = ("+9" if i % 2 == 0 else "-9" for i in range(self.max_ops))
-        return "10" + "".join(steps) + "=?"
+        # The longest answer of every problem there is (a few thousand).
+        return max(
+            (
+                f"{x} mod {d}=?"
+                for d in range(2, 20)
+                for x in range(max(10, d), min(199, (self.max_ops + 1) * d - 1) + 1)
+            ),
+            key=lambda q: len(self.answer(q)),
+        )
 
     def fits(self, canvas):
         """Whether a one-step answer and <|eot_id|> fit ``canvas`` tokens."""
-        return self.max_ops_within(canvas - 1) >= 1
+        return len(self.answer("19 mod 19=?")) + 1 <= canvas
 
 
 def make_task(name, max_digits=3, min_len=6, max_len=8, max_ops=20):
