@@ -144,7 +144,7 @@ class Arithmetic:
     fixed distance from the answer: a bidirectional model has no causal
     order to count positions by, and a chain that looked up its k-th
     operand in the question did not train. One character is one token; an
-    answer takes 25 to 224 tokens.
+    answer takes 24 to 224 tokens.
     """
 
     name = "arith"
@@ -161,11 +161,19 @@ class Arithmetic:
         out = []
         while len(out) < n:
             d = int(rng.integers(2, 20))
-            x = int(rng.integers(max(10, d), min(199, (self.max_ops + 1) * d - 1) + 1))
-            q = f"{x} mod {d}=?"
+            xs = self.dividends(d)
+            q = f"{int(rng.integers(xs.start, xs.stop))} mod {d}=?"
             if max_answer_tokens is None or len(self.answer(q)) <= max_answer_tokens:
                 out.append(q)
         return out
+
+    def dividends(self, d):
+        """The x in 10..199 that take 1 to ``max_ops`` steps of ``d``."""
+        return range(max(10, d), min(199, (self.max_ops + 1) * d - 1) + 1)
+
+    def problems(self):
+        """Every question there is (a few thousand)."""
+        return [f"{x} mod {d}=?" for d in range(2, 20) for x in self.dividends(d)]
 
     def worked(self, question):
         """The worked steps and the final value of ``question``."""
@@ -188,19 +196,12 @@ class Arithmetic:
         return self.FINAL.format(self.final(question)) in text
 
     def longest(self):
-        # The longest answer of every problem there is (a few thousand).
-        return max(
-            (
-                f"{x} mod {d}=?"
-                for d in range(2, 20)
-                for x in range(max(10, d), min(199, (self.max_ops + 1) * d - 1) + 1)
-            ),
-            key=lambda q: len(self.answer(q)),
-        )
+        return max(self.problems(), key=lambda q: len(self.answer(q)))
 
     def fits(self, canvas):
-        """Whether a one-step answer and <|eot_id|> fit ``canvas`` tokens."""
-        return len(self.answer("19 mod 19=?")) + 1 <= canvas
+        """Whether the shortest answer and <|eot_id|> fit ``canvas`` tokens."""
+        shortest = min(self.problems(), key=lambda q: len(self.answer(q)))
+        return len(self.answer(shortest)) + 1 <= canvas
 
 
 def make_task(name, max_digits=3, min_len=6, max_len=8, max_ops=20):

@@ -52,7 +52,9 @@ def test_a_sampled_answer_fits_its_canvas_and_the_longest_is_longest(task):
     for canvas in (64, 128, 256):
         for q in task.sample(rng, 200, max_answer_tokens=canvas - 1):
             assert len(task.answer(q)) <= min(canvas - 1, longest)
-    assert task.fits(64) and not task.fits(25)
+    shortest = min(len(task.answer(q)) for q in task.problems())
+    assert shortest == 24 and len(task.problems()) == 2699
+    assert task.fits(shortest + 1) and not task.fits(shortest)
     assert longest + 1 <= 256
 
 
