@@ -110,6 +110,10 @@ class Addition:
         big = "9" * self.max_digits
         return f"{big}+{big}="
 
+    def widest(self):
+        """The question with the longest prompt."""
+        return self.longest()
+
 
 class Sorting:
     """``"sort 5281390"`` -> ``"0123589"``: min_len..max_len random digits."""
@@ -133,28 +137,33 @@ class Sorting:
     def longest(self):
         return "sort " + "9" * self.max_len
 
+    def widest(self):
+        return self.longest()
+
 
 class Arithmetic:
-    """``"95 mod 7=?"`` -> ``"95-7=88. 88-7=81. ... 11-7=4. The answer is 4."``.
+    """``"95 mod 7=?"`` -> ``"095, 088, 081, ..., 011, 004. The answer is 4."``.
 
-    The remainder by repeated subtraction, one worked step at a time, for
-    ``x`` in 10..199 and ``d`` in 2..19 with 1 to ``max_ops`` steps: every
-    step's result depends on the one before, and the answer ends when the
-    value falls below ``d``. Only the first step reads the question, at a
-    fixed distance from the answer: a bidirectional model has no causal
-    order to count positions by, and a chain that looked up its k-th
-    operand in the question did not train. One character is one token; an
-    answer takes 24 to 224 tokens.
+    The remainder by repeated subtraction, worked as the countdown from
+    ``x`` by ``d`` for ``x`` in 10..199 and ``d`` in 2..19, with 1 to
+    ``max_ops`` subtractions: every value is the one before less ``d``, and
+    the answer ends when the value falls below ``d``. Each value is written
+    once: steps that repeated their operand (``95-7=88. 88-7=81.``) let a
+    bidirectional model copy each result from the next step instead of
+    computing it. Each value takes three digits, so that a digit's place is
+    its position: with unpadded values a bidirectional model got 5% of the
+    values right after 2,000 steps, where the causal twin answered 85%. One
+    character is one token; an answer takes 26 to 221 tokens.
     """
 
     name = "arith"
     FINAL = "The answer is {}."
 
-    def __init__(self, max_ops=20):
+    def __init__(self, max_ops=40):
         self.max_ops = max_ops
         self.description = (
             f"remainders by repeated subtraction (x 10..199, d 2..19, 1 to "
-            f"{max_ops} steps), answered with worked steps"
+            f"{max_ops} steps), answered with the worked countdown"
         )
 
     def sample(self, rng, n, max_answer_tokens=None):
@@ -176,20 +185,20 @@ class Arithmetic:
         return [f"{x} mod {d}=?" for d in range(2, 20) for x in self.dividends(d)]
 
     def worked(self, question):
-        """The worked steps and the final value of ``question``."""
+        """The countdown of ``question``, from its dividend to its remainder."""
         x, d = map(int, question.rstrip("=?").split(" mod "))
-        steps = []
-        while x >= d:
-            steps.append(f"{x}-{d}={x - d}.")
-            x -= d
-        return steps, x
+        values = [x]
+        while values[-1] >= d:
+            values.append(values[-1] - d)
+        return values
 
     def answer(self, question):
-        steps, value = self.worked(question)
-        return " ".join(steps + [self.FINAL.format(value)])
+        values = self.worked(question)
+        countdown = ", ".join(f"{v:03d}" for v in values)
+        return countdown + ". " + self.FINAL.format(values[-1])
 
     def final(self, question):
-        return str(self.worked(question)[1])
+        return str(self.worked(question)[-1])
 
     def correct(self, text, question):
         """Exact match: the answer text holds ``The answer is <final>.``."""
@@ -198,13 +207,16 @@ class Arithmetic:
     def longest(self):
         return max(self.problems(), key=lambda q: len(self.answer(q)))
 
+    def widest(self):
+        return max(self.problems(), key=len)
+
     def fits(self, canvas):
         """Whether the shortest answer and <|eot_id|> fit ``canvas`` tokens."""
         shortest = min(self.problems(), key=lambda q: len(self.answer(q)))
         return len(self.answer(shortest)) + 1 <= canvas
 
 
-def make_task(name, max_digits=3, min_len=6, max_len=8, max_ops=20):
+def make_task(name, max_digits=3, min_len=6, max_len=8, max_ops=40):
     if name == "arith":
         return Arithmetic(max_ops)
     if name == "add":
@@ -525,7 +537,7 @@ class Batches:
         self.exclude = exclude
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         longest = task.longest()
-        self.prompt_length = len(self.encode(chat_prompt(longest)))
+        self.prompt_length = len(self.encode(chat_prompt(task.widest())))
         # The shortest canvas gets batch_size sequences, the others as many
         # tokens: a step costs about the same whatever its canvas.
         budget = batch_size * (self.prompt_length + min(answer_lengths))
@@ -721,7 +733,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
     p.add_argument("--task", choices=["sort", "add", "arith"], default="sort")
-    p.add_argument("--max-ops", type=int, default=20, help="arith: most steps")
+    p.add_argument("--max-ops", type=int, default=40, help="arith: most steps")
     p.add_argument(
         "--objective",
         choices=["diffusion", "autoregressive"],

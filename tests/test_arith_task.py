@@ -13,11 +13,10 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from train_tiny_llada import (  # noqa: E402
     Batches,
     build_tokenizer,
+    chat_prompt,
     heldout_problems,
     make_task,
 )
-
-STEP = re.compile(r"(\d+)-(\d+)=(\d+)\.")
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +24,21 @@ def task():
     return make_task("arith")
 
 
-def test_every_step_subtracts_from_the_last_result_until_it_falls_below(task):
+def test_the_countdown_subtracts_from_the_last_value_until_it_falls_below(task):
     rng = np.random.default_rng(0)
     for q in task.sample(rng, 300):
         x, d = map(int, re.fullmatch(r"(\d+) mod (\d+)=\?", q).groups())
         assert 10 <= x <= 199 and 2 <= d <= 19
         answer = task.answer(q)
-        steps = STEP.findall(answer)
-        assert 1 <= len(steps) <= task.max_ops
-        value = x
-        for a, b, c in steps:
-            assert (int(a), int(b), int(c)) == (value, d, value - d)
-            value -= d
-        assert value == x % d
-        assert answer.endswith(f"The answer is {x % d}.")
+        countdown, final = re.fullmatch(
+            r"([\d, ]+)\. The answer is (\d+)\.", answer
+        ).groups()
+        assert all(len(v) == 3 for v in countdown.split(", "))
+        values = [int(v) for v in countdown.split(", ")]
+        assert values[0] == x and 1 <= len(values) - 1 <= task.max_ops
+        # Each value is written once and is the one before less d.
+        assert all(a - b == d for a, b in zip(values, values[1:]))
+        assert values[-2] >= d > values[-1] == x % d == int(final)
         assert task.correct(f"... The answer is {x % d}.", q)
         assert not task.correct(f"The answer is {x % d + 1}.", q)
 
@@ -53,9 +53,11 @@ def test_a_sampled_answer_fits_its_canvas_and_the_longest_is_longest(task):
         for q in task.sample(rng, 200, max_answer_tokens=canvas - 1):
             assert len(task.answer(q)) <= min(canvas - 1, longest)
     shortest = min(len(task.answer(q)) for q in task.problems())
-    assert shortest == 24 and len(task.problems()) == 2699
+    assert shortest == 26 and len(task.problems()) == 3144
     assert task.fits(shortest + 1) and not task.fits(shortest)
-    assert longest + 1 <= 256
+    assert longest == 221
+    # The prompt is padded to the widest question's.
+    assert len(task.widest()) == len("199 mod 19=?")
 
 
 def test_the_heldout_problems_are_fixed_and_never_in_the_training_stream(task):
@@ -78,3 +80,38 @@ def test_the_heldout_problems_are_fixed_and_never_in_the_training_stream(task):
         assert (tokens[is_answer] == data.ids["<|eot_id|>"]).sum() == len(problems)
         seen.update(problems)
     assert len(seen) > 500 and not seen & set(heldout)
+
+
+def test_the_digit_probe_masks_each_value_and_reads_its_three_digits(task):
+    import mlx.core as mx
+    from probe_arith import probe
+
+    tok = build_tokenizer()
+    eye = np.eye(tok.get_vocab_size(), dtype=np.float32)
+    questions = ["95 mod 7=?", "30 mod 19=?", "100 mod 3=?"]
+    sequences = [
+        tok.encode(
+            chat_prompt(q) + task.answer(q) + "<|eot_id|>", add_special_tokens=False
+        ).ids
+        for q in questions
+    ]
+
+    def oracle(x):
+        # Fills every mask with the truth of the row's question, told by its
+        # first 22 tokens (the question is in them and never masked).
+        row = np.array(x[0])
+        (seq,) = [s for s in sequences if (row[:22] == s[:22]).all()]
+        row[: len(seq)] = seq
+        return mx.array(eye[row])[None]
+
+    def echo(x):
+        # Predicts each position's own token: a masked digit is never right.
+        return mx.array(eye[np.array(x[0])])[None]
+
+    right, n = probe(echo, tok, task, questions, values=8)
+    # 95 mod 7 has 13 values after its dividend and 100 mod 3 has 33 (8
+    # probed each), 30 mod 19 one.
+    assert n == 8 + 1 + 8
+    assert all((r == 0).all() for r in right.values())
+    right, _ = probe(oracle, tok, task, questions, values=8)
+    assert all((r == n).all() for r in right.values())
