@@ -151,9 +151,9 @@ class Arithmetic:
     once: steps that repeated their operand (``95-7=88. 88-7=81.``) let a
     bidirectional model copy each result from the next step instead of
     computing it. Each value takes three digits, so that a digit's place is
-    its position: with unpadded values a bidirectional model got 5% of the
-    values right after 2,000 steps, where the causal twin answered 85%. One
-    character is one token; an answer takes 26 to 221 tokens.
+    its position (unpadded values trained no faster: 5% of values right
+    after 2,000 steps either way). One character is one token; an answer
+    takes 26 to 221 tokens.
     """
 
     name = "arith"
