@@ -10,8 +10,11 @@ dividend is masked in two ways, with the true answer everywhere else:
 
 Prints the share of hundreds, tens and ones digits the model's argmax gets
 right in each case: a digit copied from a neighbour (hundreds) is learned
-long before one that needs ``d`` (ones). One forward pass per value and case;
-a minute on the CPU for the defaults.
+long before one that needs ``d`` (ones). Then the tens digit by kind of
+step (``d`` of one digit or two, a borrow from the tens or none): a model
+that writes the tens digit less one whatever the step is right on borrows
+of one-digit ``d`` only. One forward pass per value and case; a minute on
+the CPU for the defaults.
 """
 
 import argparse
@@ -35,12 +38,19 @@ from train_tiny_llada import (  # noqa: E402
 )
 
 
+def kind(previous, d):
+    """The step from ``previous`` by ``d``: what its tens digit depends on."""
+    digits = "d < 10" if d < 10 else "d >= 10"
+    borrow = "borrow" if previous % 10 < d % 10 else "no borrow"
+    return f"{digits}, {borrow}"
+
+
 def probe(model, tok, task, questions, values):
-    """{case: [hundreds, tens, ones] right} over the probed values, and their count."""
+    """One record per probed value and case: its kind and which digits were right."""
     mask, eot, eos = (tok.token_to_id(t) for t in (MASK, EOT, EOS))
-    right = {"only": np.zeros(3), "rest": np.zeros(3)}
-    n = 0
+    records = []
     for q in questions:
+        d = int(q.rstrip("=?").split(" mod ")[1])
         prompt = tok.encode(chat_prompt(q), add_special_tokens=False).ids
         answer = task.answer(q)
         ids = tok.encode(answer, add_special_tokens=False).ids + [eot]
@@ -48,15 +58,30 @@ def probe(model, tok, task, questions, values):
         P = len(prompt)
         # Each value after the first starts two characters after a comma.
         starts = [i + 2 for i, c in enumerate(answer) if c == ","][:values]
-        for s in starts:
+        for previous, s in zip(task.worked(q), starts):
             want = seq[P + s : P + s + 3]
-            for case in right:
+            for case in ("only", "rest"):
                 x = seq.copy()
                 x[P + s : P + s + 3 if case == "only" else None] = mask
                 logits = model(mx.array(x[None]))[0, P + s : P + s + 3]
-                right[case] += np.array(mx.argmax(logits, -1)) == want
-            n += 1
-    return right, n
+                right = np.array(mx.argmax(logits, -1)) == want
+                records.append(dict(case=case, kind=kind(previous, d), right=right))
+    return records
+
+
+def summary(records):
+    """Lines: each case's digits right, then its tens digit by kind of step."""
+    lines = []
+    for case in ("only", "rest"):
+        rows = [r for r in records if r["case"] == case]
+        h, t, o = np.mean([r["right"] for r in rows], axis=0)
+        lines.append(
+            f"{case}: hundreds {h:.2f}  tens {t:.2f}  ones {o:.2f}  ({len(rows)} values)"
+        )
+        for k in sorted({r["kind"] for r in rows}):
+            tens = [r["right"][1] for r in rows if r["kind"] == k]
+            lines.append(f"  tens, {k}: {np.mean(tens):.2f}  ({len(tens)})")
+    return lines
 
 
 def main():
@@ -76,12 +101,10 @@ def main():
         raise SystemExit(f"{args.model} is not a diffusion model: nothing to unmask")
     lines = heldout.read_text().splitlines()[: args.problems]
     questions = [json.loads(line)["prompt"] for line in lines]
-    right, n = probe(
+    records = probe(
         model, build_tokenizer(), make_task("arith"), questions, args.values
     )
-    for case, r in right.items():
-        h, t, o = (r / n).round(2)
-        print(f"{case}: hundreds {h:.2f}  tens {t:.2f}  ones {o:.2f}  ({n} values)")
+    print("\n".join(summary(records)))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_the_heldout_problems_are_fixed_and_never_in_the_training_stream(task):
 
 def test_the_digit_probe_masks_each_value_and_reads_its_three_digits(task):
     import mlx.core as mx
-    from probe_arith import probe
+    from probe_arith import probe, summary
 
     tok = build_tokenizer()
     eye = np.eye(tok.get_vocab_size(), dtype=np.float32)
@@ -108,10 +108,17 @@ def test_the_digit_probe_masks_each_value_and_reads_its_three_digits(task):
         # Predicts each position's own token: a masked digit is never right.
         return mx.array(eye[np.array(x[0])])[None]
 
-    right, n = probe(echo, tok, task, questions, values=8)
+    records = probe(echo, tok, task, questions, values=8)
     # 95 mod 7 has 13 values after its dividend and 100 mod 3 has 33 (8
-    # probed each), 30 mod 19 one.
-    assert n == 8 + 1 + 8
-    assert all((r == 0).all() for r in right.values())
-    right, _ = probe(oracle, tok, task, questions, values=8)
-    assert all((r == n).all() for r in right.values())
+    # probed each), 30 mod 19 one; each masked two ways.
+    assert len(records) == 2 * (8 + 1 + 8)
+    assert not any(r["right"].any() for r in records)
+    records = probe(oracle, tok, task, questions, values=8)
+    assert all(r["right"].all() for r in records)
+    # 95 - 7 borrows from the tens, 30 - 19 too, 97 - 3 does not.
+    kinds = [r["kind"] for r in records if r["case"] == "rest"]
+    assert kinds[0] == "d < 10, borrow" and kinds[8] == "d >= 10, borrow"
+    assert kinds[10] == "d < 10, no borrow"
+    lines = summary(records)
+    assert lines[0] == "only: hundreds 1.00  tens 1.00  ones 1.00  (17 values)"
+    assert "  tens, d >= 10, borrow: 1.00  (1)" in lines
