@@ -48,7 +48,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -518,6 +518,56 @@ def load_init(model, path: Path):
         return json.load(f)["stages"]
 
 
+RESUME = "resume.json"
+RESUME_OPTIMIZER = "resume-optimizer.safetensors"
+
+
+def save_resumable(out: Path, step, optimizer, rng, seconds, argv):
+    """What --resume needs beyond the checkpoint: optimizer, data stream, step."""
+    state = dict(tree_flatten(optimizer.state))
+    mx.save_safetensors(str(out / RESUME_OPTIMIZER), state)
+    _write_json(
+        out / RESUME,
+        {
+            "step": step,
+            "argv": resume_argv(argv),
+            "rng": rng.bit_generator.state,
+            "train_seconds": seconds,
+        },
+    )
+
+
+def resume_argv(argv):
+    """The run's command without the flags that only say when it stops."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stop-at":
+            skip = True
+        elif a != "--resume" and not a.startswith("--stop-at="):
+            out.append(a)
+    return out
+
+
+def load_resumable(out: Path, model, optimizer, rng, argv):
+    """Restore the run saved in ``out``; its step and seconds so far."""
+    path = out / RESUME
+    if not path.exists():
+        raise SystemExit(f"--resume: {path} not found (no stopped run in --out)")
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["argv"] != resume_argv(argv):
+        raise SystemExit(
+            f"--resume: the run in {out} was started with a different command: "
+            + " ".join(saved["argv"])
+        )
+    model.load_weights(str(out / "model.safetensors"))
+    optimizer.state = tree_unflatten(list(mx.load(str(out / RESUME_OPTIMIZER)).items()))
+    rng.bit_generator.state = saved["rng"]
+    return saved["step"], saved["train_seconds"]
+
+
 def _write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -773,6 +823,17 @@ def parse_args(argv=None):
         "--init",
         help="start from this checkpoint (written by this script, same shape)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run that stopped in --out (the same command): its "
+        "weights, optimizer, data stream and step, saved at each evaluation",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        help="stop after this step (an evaluation step), resumable with --resume",
+    )
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
@@ -815,6 +876,13 @@ def diffusion_args(args, ids):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.stop_at is not None and (
+        not 0 < args.stop_at < args.steps or args.stop_at % args.eval_every
+    ):
+        raise SystemExit(
+            f"--stop-at {args.stop_at}: not an evaluation step (a multiple of "
+            f"--eval-every {args.eval_every}) before --steps {args.steps}"
+        )
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
@@ -895,8 +963,6 @@ def main(argv=None):
 
     loss_fn = autoregressive_loss if autoregressive else masked_diffusion_loss
 
-    state = [model.state, optimizer.state]
-
     def train_step(tokens, scored, masked, p, attn):
         loss, grads = nn.value_and_grad(model, loss_fn)(
             model, tokens, scored, masked, p, attn
@@ -905,11 +971,19 @@ def main(argv=None):
         optimizer.update(model, grads)
         return loss
 
+    argv = argv if argv is not None else sys.argv[1:]
+    done, seconds_before = 0, 0.0
+    if args.resume:
+        done, seconds_before = load_resumable(out, model, optimizer, rng, argv)
+        if done >= args.steps:
+            raise SystemExit(f"--resume: the run in {out} has done its {done} steps")
+        print(f"resumed at step {done}", flush=True)
+    state = [model.state, optimizer.state]
     train_step = mx.compile(train_step, inputs=state, outputs=state)
 
     eval_set = heldout[: args.eval_problems]
-    start, running = time.time(), []
-    for step in range(1, args.steps + 1):
+    start, running = time.time() - seconds_before, []
+    for step in range(done + 1, args.steps + 1):
         problems, n = data.next()
         tokens, attn, is_answer = data.make(problems, n)
         # Drawn for both objectives, so that both see the same problems.
@@ -952,14 +1026,18 @@ def main(argv=None):
                     how += f", threshold {args.eval_threshold} + dual cache"
             print(f"step {step:5d}  held-out exact match {acc:.3f} ({how})", flush=True)
             save(model, tok, out, args, task, heldout)
+            seconds = time.time() - start
+            save_resumable(out, step, optimizer, rng, seconds, argv)
+            if step == args.stop_at:
+                print(f"stopped at step {step}: --resume continues", flush=True)
+                return
 
     train_time = time.time() - start
     save(model, tok, out, args, task, heldout)
     stages.append(
         {
             "command": " ".join(
-                ["python benchmarks/train_tiny_llada.py"]
-                + (argv if argv is not None else sys.argv[1:])
+                ["python benchmarks/train_tiny_llada.py"] + resume_argv(argv)
             ),
             "steps": args.steps,
             "answer_lengths": lengths,
@@ -988,6 +1066,9 @@ def main(argv=None):
             "stages": stages,
         },
     )
+    # The run is complete: nothing to resume.
+    for name in (RESUME, RESUME_OPTIMIZER):
+        (out / name).unlink(missing_ok=True)
     print(f"saved {out} after {train_time:.0f} s", flush=True)
 
 
