@@ -192,6 +192,11 @@ class Arithmetic:
             values.append(values[-1] - d)
         return values
 
+    def value_spans(self, question):
+        """Where each value of the answer lies: (start, end) in characters."""
+        n = len(self.worked(question))
+        return [(5 * k, 5 * k + 3) for k in range(n)]
+
     def answer(self, question):
         values = self.worked(question)
         countdown = ", ".join(f"{v:03d}" for v in values)
@@ -581,8 +586,13 @@ def _write_json(path, obj):
 class Batches:
     """Training batches: left-padded prompts, answers padded with EOS."""
 
-    def __init__(self, tok, rng, task, answer_lengths, batch_size, exclude):
+    def __init__(
+        self, tok, rng, task, answer_lengths, batch_size, exclude, mask_unit="token"
+    ):
         self.tok, self.rng, self.task = tok, rng, task
+        if mask_unit == "value" and not hasattr(task, "value_spans"):
+            raise ValueError("--mask-unit value: the task has no values to mask")
+        self.mask_unit = mask_unit
         self.answer_lengths = answer_lengths
         self.exclude = exclude
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -663,15 +673,26 @@ class Batches:
         is_answer[:, P:] = True
         return tokens, attn, is_answer
 
-    def noised(self, is_answer, eps):
+    def noised(self, is_answer, eps, problems=None):
         """LLaDA's forward process on the answer, drawn from this NumPy
         generator (reproducible): which tokens are masked, and each row's
         masking probability ``p`` ([B, 1]). ``noise`` in
-        ``mlx_lm_llada.diffusion.training`` draws the same from MLX's."""
+        ``mlx_lm_llada.diffusion.training`` draws the same from MLX's.
+
+        With ``mask_unit="value"`` (and the rows' ``problems``), each value
+        of a countdown is masked or kept whole, with the same ``p``, as if
+        it were one token."""
         B = is_answer.shape[0]
         t = self.rng.uniform(size=B)
         p = ((1 - eps) * t + eps)[:, None]
         masked = (self.rng.uniform(size=is_answer.shape) < p) & is_answer
+        if self.mask_unit == "value":
+            P = self.prompt_length
+            for i, q in enumerate(problems):
+                spans = self.task.value_spans(q)
+                whole = self.rng.uniform(size=len(spans)) < p[i, 0]
+                for (a, b), m in zip(spans, whole):
+                    masked[i, P + a : P + b] = m
         return masked, p.astype(np.float32)
 
 
@@ -784,6 +805,13 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
     p.add_argument("--task", choices=["sort", "add", "arith"], default="sort")
     p.add_argument("--max-ops", type=int, default=40, help="arith: most steps")
+    p.add_argument(
+        "--mask-unit",
+        choices=["token", "value"],
+        default="token",
+        help="value (arith): mask each countdown value's three digits together, "
+        "as if a value were one token",
+    )
     p.add_argument(
         "--objective",
         choices=["diffusion", "autoregressive"],
@@ -928,7 +956,9 @@ def main(argv=None):
     )
     heldout = heldout_problems(task, args.heldout, args.heldout_seed)
     lengths = sorted(set(args.answer_lengths))
-    data = Batches(tok, rng, task, lengths, args.batch_size, set(heldout))
+    data = Batches(
+        tok, rng, task, lengths, args.batch_size, set(heldout), args.mask_unit
+    )
     eval_length = args.eval_length or lengths[-1]
     print(
         f"tokenizer {tok.get_vocab_size()} tokens, {args.vocab_rows} rows; "
@@ -987,7 +1017,7 @@ def main(argv=None):
         problems, n = data.next()
         tokens, attn, is_answer = data.make(problems, n)
         # Drawn for both objectives, so that both see the same problems.
-        masked, p = data.noised(is_answer, args.eps)
+        masked, p = data.noised(is_answer, args.eps, problems)
         if autoregressive:
             tokens, is_answer = data.make_autoregressive(problems)
         loss = train_step(
@@ -1041,6 +1071,7 @@ def main(argv=None):
             ),
             "steps": args.steps,
             "answer_lengths": lengths,
+            "mask_unit": args.mask_unit,
             "batch_sizes": {str(n): data.batch_sizes[n] for n in lengths},
             "train_seconds": round(train_time, 1),
             "heldout_accuracy": acc,

@@ -122,3 +122,31 @@ def test_the_digit_probe_masks_each_value_and_reads_its_three_digits(task):
     lines = summary(records)
     assert lines[0] == "only: hundreds 1.00  tens 1.00  ones 1.00  (17 values)"
     assert "  tens, d >= 10, borrow: 1.00  (1)" in lines
+
+
+def test_mask_unit_value_masks_each_value_whole_and_the_rest_token_by_token(task):
+    tok = build_tokenizer()
+    q = "95 mod 7=?"
+    answer = task.answer(q)
+    spans = task.value_spans(q)
+    assert [answer[a:b] for a, b in spans] == [f"{v:03d}" for v in task.worked(q)]
+    data = Batches(tok, np.random.default_rng(0), task, [128], 16, set(), "value")
+    problems = [q] * 400
+    _, _, is_answer = data.make(problems, 128)
+    masked, p = data.noised(is_answer, 1e-3, problems)
+    P = data.prompt_length
+    digits = [(P + a, P + b) for a, b in spans]
+    for row in masked:
+        assert all(row[a:b].all() or not row[a:b].any() for a, b in digits)
+    assert not masked[~is_answer].any()
+    # A value is masked with its row's p; so is every other answer token.
+    whole = np.array([[row[a] for a, _ in digits] for row in masked])
+    rest = is_answer.copy()
+    for a, b in digits:
+        rest[:, a:b] = False
+    assert abs(whole.mean() - p.mean()) < 0.03
+    assert abs(masked[rest].mean() - (p * rest).sum() / rest.sum()) < 0.03
+    with pytest.raises(ValueError, match="no values to mask"):
+        Batches(
+            tok, np.random.default_rng(0), make_task("sort"), [16], 4, set(), "value"
+        )
