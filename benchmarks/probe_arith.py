@@ -69,6 +69,27 @@ def probe(model, tok, task, questions, values):
     return records
 
 
+def probe_stop(model, tok, task, questions):
+    """Whether the countdown stops where it should: for the last value and
+    the one before it, masked with everything after (as a block decodes),
+    is the mark after it right (``.`` after the last, ``,`` before)?"""
+    mask, eot, eos = (tok.token_to_id(t) for t in (MASK, EOT, EOS))
+    records = []
+    for q in questions:
+        prompt = tok.encode(chat_prompt(q), add_special_tokens=False).ids
+        ids = tok.encode(task.answer(q), add_special_tokens=False).ids + [eot]
+        seq = np.array(prompt + ids + [eos] * 8)
+        P = len(prompt)
+        spans = task.value_spans(q)
+        for a, b in spans[-2:]:
+            x = seq.copy()
+            x[P + a :] = mask
+            mark = mx.argmax(model(mx.array(x[None]))[0, P + b], -1).item()
+            last = (a, b) == spans[-1]
+            records.append(dict(last=last, right=mark == seq[P + b]))
+    return records
+
+
 def summary(records):
     """Lines: each case's digits right, then its tens digit by kind of step."""
     lines = []
@@ -82,6 +103,16 @@ def summary(records):
             tens = [r["right"][1] for r in rows if r["kind"] == k]
             lines.append(f"  tens, {k}: {np.mean(tens):.2f}  ({len(tens)})")
     return lines
+
+
+def summary_stop(records):
+    """One line: the marks right after the last value and after the one before."""
+    last = [r["right"] for r in records if r["last"]]
+    before = [r["right"] for r in records if not r["last"]]
+    return (
+        f"rest: stops after the last value {np.mean(last):.2f} ({len(last)}), "
+        f"goes on after the one before {np.mean(before):.2f} ({len(before)})"
+    )
 
 
 def main():
@@ -101,10 +132,10 @@ def main():
         raise SystemExit(f"{args.model} is not a diffusion model: nothing to unmask")
     lines = heldout.read_text().splitlines()[: args.problems]
     questions = [json.loads(line)["prompt"] for line in lines]
-    records = probe(
-        model, build_tokenizer(), make_task("arith"), questions, args.values
-    )
+    task = make_task("arith")
+    records = probe(model, build_tokenizer(), task, questions, args.values)
     print("\n".join(summary(records)))
+    print(summary_stop(probe_stop(model, build_tokenizer(), task, questions)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from train_tiny_llada import (  # noqa: E402
+    MASK,
     Batches,
     build_tokenizer,
     chat_prompt,
@@ -84,7 +85,7 @@ def test_the_heldout_problems_are_fixed_and_never_in_the_training_stream(task):
 
 def test_the_digit_probe_masks_each_value_and_reads_its_three_digits(task):
     import mlx.core as mx
-    from probe_arith import probe, summary
+    from probe_arith import probe, probe_stop, summary, summary_stop
 
     tok = build_tokenizer()
     eye = np.eye(tok.get_vocab_size(), dtype=np.float32)
@@ -119,6 +120,23 @@ def test_the_digit_probe_masks_each_value_and_reads_its_three_digits(task):
     kinds = [r["kind"] for r in records if r["case"] == "rest"]
     assert kinds[0] == "d < 10, borrow" and kinds[8] == "d >= 10, borrow"
     assert kinds[10] == "d < 10, no borrow"
+    stops = probe_stop(echo, tok, task, questions)
+    assert [r["last"] for r in stops] == [False, True] * 3
+    assert not any(r["right"] for r in stops)
+    stops = probe_stop(oracle, tok, task, questions)
+    assert all(r["right"] for r in stops)
+
+    def stopper(x):
+        # The truth, but a full stop wherever a mask was.
+        row = np.array(oracle(x)[0].argmax(-1))
+        row[np.array(x[0]) == tok.token_to_id(MASK)] = tok.token_to_id(".")
+        return mx.array(eye[row])[None]
+
+    stops = probe_stop(stopper, tok, task, questions)
+    assert [r["right"] for r in stops] == [False, True] * 3
+    assert summary_stop(stops) == (
+        "rest: stops after the last value 1.00 (3), goes on after the one before 0.00 (3)"
+    )
     lines = summary(records)
     assert lines[0] == "only: hundreds 1.00  tens 1.00  ones 1.00  (17 values)"
     assert "  tens, d >= 10, borrow: 1.00  (1)" in lines
