@@ -197,6 +197,15 @@ class Arithmetic:
         n = len(self.worked(question))
         return [(5 * k, 5 * k + 3) for k in range(n)]
 
+    def step_spans(self, question):
+        """The answer cut into steps: the first value, each ``", "`` with
+        the value after it, then the final sentence and ``<|eot_id|>`` (one
+        position past the answer): whether to go on is a step's first token."""
+        values = self.value_spans(question)
+        last = values[-1][1]
+        steps = [values[0]] + [(a - 2, b) for a, b in values[1:]]
+        return steps + [(last, len(self.answer(question)) + 1)]
+
     def answer(self, question):
         values = self.worked(question)
         countdown = ", ".join(f"{v:03d}" for v in values)
@@ -590,8 +599,8 @@ class Batches:
         self, tok, rng, task, answer_lengths, batch_size, exclude, mask_unit="token"
     ):
         self.tok, self.rng, self.task = tok, rng, task
-        if mask_unit == "value" and not hasattr(task, "value_spans"):
-            raise ValueError("--mask-unit value: the task has no values to mask")
+        if mask_unit != "token" and not hasattr(task, f"{mask_unit}_spans"):
+            raise ValueError(f"--mask-unit {mask_unit}: the task has no {mask_unit}s")
         self.mask_unit = mask_unit
         self.answer_lengths = answer_lengths
         self.exclude = exclude
@@ -679,17 +688,17 @@ class Batches:
         masking probability ``p`` ([B, 1]). ``noise`` in
         ``mlx_lm_llada.diffusion.training`` draws the same from MLX's.
 
-        With ``mask_unit="value"`` (and the rows' ``problems``), each value
-        of a countdown is masked or kept whole, with the same ``p``, as if
-        it were one token."""
+        With ``mask_unit="value"`` or ``"step"`` (and the rows'
+        ``problems``), each value, or each step, of a countdown is masked or
+        kept whole, with the same ``p``, as if it were one token."""
         B = is_answer.shape[0]
         t = self.rng.uniform(size=B)
         p = ((1 - eps) * t + eps)[:, None]
         masked = (self.rng.uniform(size=is_answer.shape) < p) & is_answer
-        if self.mask_unit == "value":
+        if self.mask_unit != "token":
             P = self.prompt_length
             for i, q in enumerate(problems):
-                spans = self.task.value_spans(q)
+                spans = getattr(self.task, f"{self.mask_unit}_spans")(q)
                 whole = self.rng.uniform(size=len(spans)) < p[i, 0]
                 for (a, b), m in zip(spans, whole):
                     masked[i, P + a : P + b] = m
@@ -807,10 +816,11 @@ def parse_args(argv=None):
     p.add_argument("--max-ops", type=int, default=40, help="arith: most steps")
     p.add_argument(
         "--mask-unit",
-        choices=["token", "value"],
+        choices=["token", "value", "step"],
         default="token",
         help="value (arith): mask each countdown value's three digits together, "
-        "as if a value were one token",
+        "as if a value were one token; step: each ', ' with the value after it, "
+        "and the final sentence, together",
     )
     p.add_argument(
         "--objective",

@@ -164,7 +164,27 @@ def test_mask_unit_value_masks_each_value_whole_and_the_rest_token_by_token(task
         rest[:, a:b] = False
     assert abs(whole.mean() - p.mean()) < 0.03
     assert abs(masked[rest].mean() - (p * rest).sum() / rest.sum()) < 0.03
-    with pytest.raises(ValueError, match="no values to mask"):
+    with pytest.raises(ValueError, match="the task has no values"):
         Batches(
             tok, np.random.default_rng(0), make_task("sort"), [16], 4, set(), "value"
         )
+
+
+def test_mask_unit_step_masks_whether_to_go_on_with_the_value_after(task):
+    tok = build_tokenizer()
+    q = "30 mod 7=?"
+    answer = task.answer(q) + "<"  # <|eot_id|>: one position past the answer
+    steps = [answer[a:b] for a, b in task.step_spans(q)]
+    assert steps == ["030", ", 023", ", 016", ", 009", ", 002", ". The answer is 2.<"]
+    data = Batches(tok, np.random.default_rng(0), task, [64], 16, set(), "step")
+    problems = [q] * 400
+    _, _, is_answer = data.make(problems, 64)
+    masked, p = data.noised(is_answer, 1e-3, problems)
+    P = data.prompt_length
+    for row in masked:
+        for a, b in task.step_spans(q):
+            assert row[P + a : P + b].all() or not row[P + a : P + b].any()
+    # The end of the answer, <|eot_id|> included, goes with the final sentence.
+    last = task.step_spans(q)[-1]
+    assert is_answer[0, P + last[1] - 1]
+    assert abs(masked[:, P + last[0]].mean() - p.mean()) < 0.03
