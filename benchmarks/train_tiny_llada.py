@@ -1021,6 +1021,43 @@ def main(argv=None):
     state = [model.state, optimizer.state]
     train_step = mx.compile(train_step, inputs=state, outputs=state)
 
+    def write_training(step, seconds, acc, how):
+        # At every save: a stopped run's checkpoint tells how far its stage went.
+        stage = {
+            "command": " ".join(
+                ["python benchmarks/train_tiny_llada.py"] + resume_argv(argv)
+            ),
+            "steps": args.steps,
+            "steps_done": step,
+            "answer_lengths": lengths,
+            "mask_unit": args.mask_unit,
+            "batch_sizes": {str(n): data.batch_sizes[n] for n in lengths},
+            "train_seconds": round(seconds, 1),
+            "heldout_accuracy": acc,
+            "evaluated_with": how,
+            "eval_length": eval_length,
+        }
+        _write_json(
+            out / "training.json",
+            {
+                "task": task.description,
+                "objective": (
+                    "next-token CE on the answer and <|eot_id|>, mean over them"
+                    if autoregressive
+                    else "LLaDA SFT: t~U(eps,1), answer tokens masked with "
+                    "prob t, CE on masked / t, / answer length, mean over batch"
+                ),
+                "parameters": n_params,
+                "train_seconds": round(
+                    sum(s["train_seconds"] for s in stages) + seconds, 1
+                ),
+                "final_heldout_accuracy": acc,
+                "final_evaluated_with": how,
+                "args": vars(args),
+                "stages": stages + [stage],
+            },
+        )
+
     eval_set = heldout[: args.eval_problems]
     start, running = time.time() - seconds_before, []
     for step in range(done + 1, args.steps + 1):
@@ -1067,6 +1104,7 @@ def main(argv=None):
             print(f"step {step:5d}  held-out exact match {acc:.3f} ({how})", flush=True)
             save(model, tok, out, args, task, heldout)
             seconds = time.time() - start
+            write_training(step, seconds, acc, how)
             save_resumable(out, step, optimizer, rng, seconds, argv)
             if step == args.stop_at:
                 print(f"stopped at step {step}: --resume continues", flush=True)
@@ -1074,39 +1112,7 @@ def main(argv=None):
 
     train_time = time.time() - start
     save(model, tok, out, args, task, heldout)
-    stages.append(
-        {
-            "command": " ".join(
-                ["python benchmarks/train_tiny_llada.py"] + resume_argv(argv)
-            ),
-            "steps": args.steps,
-            "answer_lengths": lengths,
-            "mask_unit": args.mask_unit,
-            "batch_sizes": {str(n): data.batch_sizes[n] for n in lengths},
-            "train_seconds": round(train_time, 1),
-            "heldout_accuracy": acc,
-            "evaluated_with": how,
-            "eval_length": eval_length,
-        }
-    )
-    _write_json(
-        out / "training.json",
-        {
-            "task": task.description,
-            "objective": (
-                "next-token CE on the answer and <|eot_id|>, mean over them"
-                if autoregressive
-                else "LLaDA SFT: t~U(eps,1), answer tokens masked with "
-                "prob t, CE on masked / t, / answer length, mean over batch"
-            ),
-            "parameters": n_params,
-            "train_seconds": round(sum(s["train_seconds"] for s in stages), 1),
-            "final_heldout_accuracy": acc,
-            "final_evaluated_with": how,
-            "args": vars(args),
-            "stages": stages,
-        },
-    )
+    write_training(args.steps, train_time, acc, how)
     # The run is complete: nothing to resume.
     for name in (RESUME, RESUME_OPTIMIZER):
         (out / name).unlink(missing_ok=True)

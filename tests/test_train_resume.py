@@ -26,7 +26,9 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, objective):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     main(run + ["--out", str(whole)])
     main(run + ["--out", str(parts), "--stop-at", "2"])
-    assert not (parts / "training.json").exists()
+    # The stopped run's record says how far its stage went.
+    (stage,) = json.loads((parts / "training.json").read_text())["stages"]
+    assert (stage["steps_done"], stage["steps"]) == (2, 6)
     assert json.loads((parts / "resume.json").read_text())["step"] == 2
     main(run + ["--out", str(parts), "--resume"])
 
@@ -38,6 +40,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, objective):
     assert not (parts / "resume.json").exists()
     assert not (parts / "resume-optimizer.safetensors").exists()
     (stage,) = json.loads((parts / "training.json").read_text())["stages"]
+    assert stage["steps_done"] == stage["steps"] == 6
     assert "--resume" not in stage["command"] and "--stop-at" not in stage["command"]
     assert stage["command"].endswith(f"--objective {objective} --out {parts}")
 
