@@ -56,8 +56,7 @@ def probe(model, tok, task, questions, values):
         ids = tok.encode(answer, add_special_tokens=False).ids + [eot]
         seq = np.array(prompt + ids + [eos] * 8)
         P = len(prompt)
-        # Each value after the first starts two characters after a comma.
-        starts = [i + 2 for i, c in enumerate(answer) if c == ","][:values]
+        starts = [a for a, _ in task.value_spans(q)[1 : values + 1]]
         for previous, s in zip(task.worked(q), starts):
             want = seq[P + s : P + s + 3]
             for case in ("only", "rest"):

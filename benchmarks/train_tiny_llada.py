@@ -1044,8 +1044,9 @@ def main(argv=None):
                 "objective": (
                     "next-token CE on the answer and <|eot_id|>, mean over them"
                     if autoregressive
-                    else "LLaDA SFT: t~U(eps,1), answer tokens masked with "
-                    "prob t, CE on masked / t, / answer length, mean over batch"
+                    else "LLaDA SFT: t~U(eps,1), answer tokens (or each stage's "
+                    "mask_unit) masked with prob t, CE on masked / t, / answer "
+                    "length, mean over batch"
                 ),
                 "parameters": n_params,
                 "train_seconds": round(
@@ -1105,15 +1106,14 @@ def main(argv=None):
             save(model, tok, out, args, task, heldout)
             seconds = time.time() - start
             write_training(step, seconds, acc, how)
-            save_resumable(out, step, optimizer, rng, seconds, argv)
+            if step < args.steps:
+                save_resumable(out, step, optimizer, rng, seconds, argv)
             if step == args.stop_at:
                 print(f"stopped at step {step}: --resume continues", flush=True)
                 return
 
+    # The last step was an evaluation: saved above. Nothing to resume.
     train_time = time.time() - start
-    save(model, tok, out, args, task, heldout)
-    write_training(args.steps, train_time, acc, how)
-    # The run is complete: nothing to resume.
     for name in (RESUME, RESUME_OPTIMIZER):
         (out / name).unlink(missing_ok=True)
     print(f"saved {out} after {train_time:.0f} s", flush=True)
