@@ -599,9 +599,12 @@ class Batches:
         self, tok, rng, task, answer_lengths, batch_size, exclude, mask_unit="token"
     ):
         self.tok, self.rng, self.task = tok, rng, task
-        if mask_unit != "token" and not hasattr(task, f"{mask_unit}_spans"):
-            raise ValueError(f"--mask-unit {mask_unit}: the task has no {mask_unit}s")
-        self.mask_unit = mask_unit
+        # One unit, or several: each row then draws one of them.
+        units = [mask_unit] if isinstance(mask_unit, str) else list(mask_unit)
+        for unit in units:
+            if unit != "token" and not hasattr(task, f"{unit}_spans"):
+                raise ValueError(f"--mask-unit {unit}: the task has no {unit}s")
+        self.mask_units = units
         self.answer_lengths = answer_lengths
         self.exclude = exclude
         self.ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -690,18 +693,26 @@ class Batches:
 
         With ``mask_unit="value"`` or ``"step"`` (and the rows'
         ``problems``), each value, or each step, of a countdown is masked or
-        kept whole, with the same ``p``, as if it were one token."""
+        kept whole, with the same ``p``, as if it were one token. With
+        several units, each row draws its own."""
         B = is_answer.shape[0]
         t = self.rng.uniform(size=B)
         p = ((1 - eps) * t + eps)[:, None]
         masked = (self.rng.uniform(size=is_answer.shape) < p) & is_answer
-        if self.mask_unit != "token":
-            P = self.prompt_length
-            for i, q in enumerate(problems):
-                spans = getattr(self.task, f"{self.mask_unit}_spans")(q)
-                whole = self.rng.uniform(size=len(spans)) < p[i, 0]
-                for (a, b), m in zip(spans, whole):
-                    masked[i, P + a : P + b] = m
+        units = self.mask_units
+        # A single unit draws nothing, so a one-unit run keeps its seeds.
+        if len(units) > 1:
+            units = [units[k] for k in self.rng.integers(len(units), size=B)]
+        else:
+            units = units * B
+        P = self.prompt_length
+        for i, unit in enumerate(units):
+            if unit == "token":
+                continue
+            spans = getattr(self.task, f"{unit}_spans")(problems[i])
+            whole = self.rng.uniform(size=len(spans)) < p[i, 0]
+            for (a, b), m in zip(spans, whole):
+                masked[i, P + a : P + b] = m
         return masked, p.astype(np.float32)
 
 
@@ -817,10 +828,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--mask-unit",
         choices=["token", "value", "step"],
-        default="token",
+        nargs="+",
+        default=["token"],
         help="value (arith): mask each countdown value's three digits together, "
         "as if a value were one token; step: each ', ' with the value after it, "
-        "and the final sentence, together",
+        "and the final sentence, together; several: each row draws one",
     )
     p.add_argument(
         "--objective",
@@ -1030,7 +1042,7 @@ def main(argv=None):
             "steps": args.steps,
             "steps_done": step,
             "answer_lengths": lengths,
-            "mask_unit": args.mask_unit,
+            "mask_unit": " ".join(args.mask_unit),
             "batch_sizes": {str(n): data.batch_sizes[n] for n in lengths},
             "train_seconds": round(seconds, 1),
             "heldout_accuracy": acc,

@@ -188,3 +188,29 @@ def test_mask_unit_step_masks_whether_to_go_on_with_the_value_after(task):
     last = task.step_spans(q)[-1]
     assert is_answer[0, P + last[1] - 1]
     assert abs(masked[:, P + last[0]].mean() - p.mean()) < 0.03
+
+
+def test_several_mask_units_give_each_row_one_of_them(task):
+    tok = build_tokenizer()
+    q = "95 mod 7=?"
+    problems = [q] * 600
+
+    def draw(units):
+        data = Batches(tok, np.random.default_rng(0), task, [128], 16, set(), units)
+        _, _, is_answer = data.make(problems, 128)
+        return data.noised(is_answer, 1e-3, problems)[0], data.prompt_length
+
+    masked, P = draw(["token", "value", "step"])
+
+    def whole(row, spans):
+        return all(
+            row[P + a : P + b].all() or not row[P + a : P + b].any() for a, b in spans
+        )
+
+    by_value = np.mean([whole(row, task.value_spans(q)) for row in masked])
+    by_step = np.mean([whole(row, task.step_spans(q)) for row in masked])
+    # Value and step rows keep each value whole; step rows each step too. A
+    # token row does so only by chance (t near 0 or 1).
+    assert abs(by_value - 2 / 3) < 0.06 and abs(by_step - 1 / 3) < 0.06
+    # One unit in a list draws as that unit alone: a run keeps its seeds.
+    assert (draw(["value"])[0] == draw("value")[0]).all()
