@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -68,6 +69,7 @@ FIT_MODES = [
     "default + suffix 32 + tail window",
 ]
 AUTOREGRESSIVE = "autoregressive (mlx-lm)"
+FAILURES = ["wrong value", "stops early", "goes on", "wrong end"]
 
 
 def load_problems(path: Path, n=None):
@@ -84,12 +86,32 @@ def answer_tokens(tokenizer, question):
     return len(tokenizer.encode(task.answer(question), add_special_tokens=False))
 
 
+def failure(question, text):
+    """How a decoded answer first leaves the worked one (None where it does
+    not): a wrong value, a stop too early, going on past the last value, or
+    a wrong final sentence after the right countdown."""
+    from train_tiny_llada import make_task
+
+    task = make_task("arith")
+    want = [f"{v:03d}" for v in task.worked(question)]
+    countdown = re.match(r"\d{3}(?:, \d{3})*", text)
+    values = countdown.group(0).split(", ") if countdown else []
+    if not values:
+        return "wrong value"
+    for got, right in zip(values, want):
+        if got != right:
+            return "wrong value"
+    if len(values) != len(want):
+        return "stops early" if len(values) < len(want) else "goes on"
+    return None if text.startswith(task.answer(question)) else "wrong end"
+
+
 def run(model, tokenizer, problems, max_tokens, settings, count_calls):
     """Decode every problem with stream_generate; totals and exact match."""
     from mlx_lm import stream_generate
 
     right = tokens = calls = 0
-    outputs = []
+    outputs, failures = [], {}
     wall = 0.0
     for i, problem in enumerate(problems):
         prompt = tokenizer.apply_chat_template(
@@ -111,6 +133,8 @@ def run(model, tokenizer, problems, max_tokens, settings, count_calls):
         calls += steps[-1].nfe if count_calls else last.generation_tokens
         right += f"The answer is {problem['answer']}." in text
         outputs.append(text)
+        if (why := failure(problem["prompt"], text)) is not None:
+            failures[why] = failures.get(why, 0) + 1
     return (
         dict(
             exact_match=right / len(problems),
@@ -120,6 +144,7 @@ def run(model, tokenizer, problems, max_tokens, settings, count_calls):
             calls_per_token=calls / tokens,
             seconds=wall,
             tokens_per_second=tokens / wall,
+            failures=failures,
         ),
         outputs,
     )
@@ -210,9 +235,13 @@ def markdown(result, args):
         f"{result['load_average']['start'][0]:.2f} at the start, "
         f"{result['load_average']['end'][0]:.2f} at the end.",
         "",
+        "Failures: where each wrong output first leaves the worked answer "
+        "(a wrong value / stops early / goes on past the last value / a wrong "
+        "end after the right countdown).",
+        "",
         "| canvas | mode | exact match | tokens/s | vs autoregressive | "
-        "tokens per call | calls per token |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "tokens per call | calls per token | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     ar = {r["canvas"]: r for r in result["rows"] if r["mode"] == AUTOREGRESSIVE}
     for r in result["rows"]:
@@ -221,7 +250,8 @@ def markdown(result, args):
             f"| {r['canvas']} | {r['mode']} | {r['exact_match']:.3f} | "
             f"{r['tokens_per_second']:.1f} | "
             f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x | "
-            f"{r['tokens_per_call']:.2f} | {r['calls_per_token']:.3f} |"
+            f"{r['tokens_per_call']:.2f} | {r['calls_per_token']:.3f} | "
+            f"{' / '.join(str(r['failures'].get(k, 0)) for k in FAILURES)} |"
         )
     return "\n".join(lines) + "\n"
 

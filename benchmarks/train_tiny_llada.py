@@ -592,6 +592,10 @@ def _write_json(path, obj):
 # Data
 
 
+# A mask unit that cuts the answer as another unit does.
+SPANS_OF = {"stop": "step"}
+
+
 class Batches:
     """Training batches: left-padded prompts, answers padded with EOS."""
 
@@ -602,8 +606,9 @@ class Batches:
         # One unit, or several: each row then draws one of them.
         units = [mask_unit] if isinstance(mask_unit, str) else list(mask_unit)
         for unit in units:
-            if unit != "token" and not hasattr(task, f"{unit}_spans"):
-                raise ValueError(f"--mask-unit {unit}: the task has no {unit}s")
+            spans = SPANS_OF.get(unit, unit)
+            if unit != "token" and not hasattr(task, f"{spans}_spans"):
+                raise ValueError(f"--mask-unit {unit}: the task has no {spans}s")
         self.mask_units = units
         self.answer_lengths = answer_lengths
         self.exclude = exclude
@@ -693,8 +698,10 @@ class Batches:
 
         With ``mask_unit="value"`` or ``"step"`` (and the rows'
         ``problems``), each value, or each step, of a countdown is masked or
-        kept whole, with the same ``p``, as if it were one token. With
-        several units, each row draws its own."""
+        kept whole, with the same ``p``, as if it were one token;
+        ``"stop"`` masks steps so too, and the end padding with the final
+        sentence, so that whether to stop is never read off visible padding.
+        With several units, each row draws its own."""
         B = is_answer.shape[0]
         t = self.rng.uniform(size=B)
         p = ((1 - eps) * t + eps)[:, None]
@@ -709,7 +716,10 @@ class Batches:
         for i, unit in enumerate(units):
             if unit == "token":
                 continue
-            spans = getattr(self.task, f"{unit}_spans")(problems[i])
+            spans = getattr(self.task, f"{SPANS_OF.get(unit, unit)}_spans")(problems[i])
+            if unit == "stop":
+                # Visible end padding would tell where the answer stops.
+                spans[-1] = (spans[-1][0], is_answer.shape[1] - P)
             whole = self.rng.uniform(size=len(spans)) < p[i, 0]
             for (a, b), m in zip(spans, whole):
                 masked[i, P + a : P + b] = m
@@ -827,12 +837,13 @@ def parse_args(argv=None):
     p.add_argument("--max-ops", type=int, default=40, help="arith: most steps")
     p.add_argument(
         "--mask-unit",
-        choices=["token", "value", "step"],
+        choices=["token", "value", "step", "stop"],
         nargs="+",
         default=["token"],
         help="value (arith): mask each countdown value's three digits together, "
         "as if a value were one token; step: each ', ' with the value after it, "
-        "and the final sentence, together; several: each row draws one",
+        "and the final sentence, together; stop: as step, with the end padding "
+        "masked with the final sentence; several: each row draws one",
     )
     p.add_argument(
         "--objective",

@@ -214,3 +214,40 @@ def test_several_mask_units_give_each_row_one_of_them(task):
     assert abs(by_value - 2 / 3) < 0.06 and abs(by_step - 1 / 3) < 0.06
     # One unit in a list draws as that unit alone: a run keeps its seeds.
     assert (draw(["value"])[0] == draw("value")[0]).all()
+
+
+def test_mask_unit_stop_masks_the_end_padding_with_the_final_sentence(task):
+    tok = build_tokenizer()
+    q = "30 mod 7=?"
+    problems = [q] * 400
+    data = Batches(tok, np.random.default_rng(0), task, [64], 16, set(), "stop")
+    _, _, is_answer = data.make(problems, 64)
+    masked, p = data.noised(is_answer, 1e-3, problems)
+    P = data.prompt_length
+    *steps, (start, _) = task.step_spans(q)
+    for row in masked:
+        for a, b in steps:
+            assert row[P + a : P + b].all() or not row[P + a : P + b].any()
+        # The final sentence, <|eot_id|> and all the padding after it: one unit.
+        assert row[P + start :].all() or not row[P + start :].any()
+    assert abs(masked[:, P + start].mean() - p.mean()) < 0.03
+    # "step" leaves the padding to token masking: its end is often visible.
+    data = Batches(tok, np.random.default_rng(0), task, [64], 16, set(), "step")
+    masked, _ = data.noised(is_answer, 1e-3, problems)
+    assert not all(r[P + start :].all() or not r[P + start :].any() for r in masked)
+
+
+def test_evaluation_names_where_a_wrong_countdown_first_goes_wrong(task):
+    from evaluate_arith import failure
+
+    q = "95 mod 7=?"
+    right = task.answer(q)
+    assert right.startswith("095, 088, ") and right.endswith(
+        "011, 004. The answer is 4."
+    )
+    assert failure(q, right) is None
+    assert failure(q, right.replace("088", "089")) == "wrong value"
+    assert failure(q, "The answer is 4.") == "wrong value"
+    assert failure(q, right.split(", 011")[0] + ". The answer is 18.") == "stops early"
+    assert failure(q, right.replace(", 004.", ", 004, 997.")) == "goes on"
+    assert failure(q, right.replace("is 4.", "is 5.")) == "wrong end"
