@@ -14,7 +14,9 @@ autoregressive model decodes as mlx-lm does.
 For each mode: exact match (the output holds ``The answer is <answer>.``),
 answer tokens (mlx-lm's ``generation_tokens``), model calls, tokens per call,
 and tokens per second over the wall time of the whole call (prompt
-included), all problems together. ``--canvases`` adds a canvas that fits the
+included), all problems together; and where each wrong countdown first
+leaves the worked one (``failure``), right final answers included.
+``--canvases`` adds a canvas that fits the
 answer: its length rounded up to a block (``fit``), an oracle that tells
 what a perfect canvas size would buy.
 
@@ -235,19 +237,22 @@ def markdown(result, args):
         f"{result['load_average']['start'][0]:.2f} at the start, "
         f"{result['load_average']['end'][0]:.2f} at the end.",
         "",
-        "Failures: where each wrong output first leaves the worked answer "
+        "Worked answer right: the whole countdown and final sentence as "
+        "trained (a countdown that skips values can still end on the right "
+        "remainder). Failures: where each other output first leaves it "
         "(a wrong value / stops early / goes on past the last value / a wrong "
         "end after the right countdown).",
         "",
-        "| canvas | mode | exact match | tokens/s | vs autoregressive | "
-        "tokens per call | calls per token | failures |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| canvas | mode | exact match | worked answer right | tokens/s | "
+        "vs autoregressive | tokens per call | calls per token | failures |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     ar = {r["canvas"]: r for r in result["rows"] if r["mode"] == AUTOREGRESSIVE}
     for r in result["rows"]:
         base = ar.get(r["canvas"], ar[str(args.max_tokens)])
         lines.append(
             f"| {r['canvas']} | {r['mode']} | {r['exact_match']:.3f} | "
+            f"{1 - sum(r['failures'].values()) / result['problems']:.3f} | "
             f"{r['tokens_per_second']:.1f} | "
             f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x | "
             f"{r['tokens_per_call']:.2f} | {r['calls_per_token']:.3f} | "
