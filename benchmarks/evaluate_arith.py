@@ -16,9 +16,9 @@ answer tokens (mlx-lm's ``generation_tokens``), model calls, tokens per call,
 and tokens per second over the wall time of the whole call (prompt
 included), all problems together; and where each wrong countdown first
 leaves the worked one (``failure``), right final answers included.
-``--canvases`` adds a canvas that fits the
-answer: its length rounded up to a block (``fit``), an oracle that tells
-what a perfect canvas size would buy.
+``--canvases`` adds a canvas that fits the answer: its length rounded up to
+a block (``fit``), an oracle that tells what a perfect canvas size would
+buy.
 
 Writes ``EVALUATION.md`` and ``evaluation.json`` next to the diffusion
 checkpoint. Run it with OpenBLAS preloaded, on an otherwise idle machine.
